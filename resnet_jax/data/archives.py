@@ -34,6 +34,8 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3 writes bytes as _codecs.encode(str, "latin1") under protocol 2.
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: D102 - pickle protocol
