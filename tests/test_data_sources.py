@@ -51,6 +51,7 @@ def _cifar10_arrays(seed: int = 0):
 
 def write_cifar10_binary(path: Path, train, test, bad_label: bool = False) -> None:
     """The official layout: cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin, label+3072 B."""
+
     def records(images, labels):
         labels = np.asarray(labels, np.uint8).copy()
         if bad_label:
@@ -61,14 +62,15 @@ def write_cifar10_binary(path: Path, train, test, bad_label: bool = False) -> No
         f"cifar-10-batches-bin/data_batch_{i + 1}.bin": records(*b) for i, b in enumerate(train)
     }
     members["cifar-10-batches-bin/test_batch.bin"] = records(*test)
-    members["cifar-10-batches-bin/batches.meta.txt"] = b"\n".join(
-        n.encode() for n in "a b c d e f g h i j".split()
-    ) + b"\n\n"
+    members["cifar-10-batches-bin/batches.meta.txt"] = (
+        b"\n".join(n.encode() for n in "a b c d e f g h i j".split()) + b"\n\n"
+    )
     _write_tar(path, members)
 
 
 def write_cifar10_python(path: Path, train, test) -> None:
     """Official layout: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} pickles."""
+
     def batch(images, labels, name):
         d = {
             b"batch_label": name.encode(),
@@ -84,8 +86,11 @@ def write_cifar10_python(path: Path, train, test) -> None:
     }
     members["cifar-10-batches-py/test_batch"] = batch(*test, "testing batch 1 of 1")
     members["cifar-10-batches-py/batches.meta"] = pickle.dumps(
-        {b"label_names": [n.encode() for n in "a b c d e f g h i j".split()],
-         b"num_cases_per_batch": PER_BATCH, b"num_vis": 3072},
+        {
+            b"label_names": [n.encode() for n in "a b c d e f g h i j".split()],
+            b"num_cases_per_batch": PER_BATCH,
+            b"num_vis": 3072,
+        },
         protocol=2,
     )
     _write_tar(path, members)
@@ -130,8 +135,12 @@ def _write_mnist(d: Path, rng, n_train=12, n_test=5) -> tuple:
     d.mkdir(parents=True, exist_ok=True)
     xtr, xte = _images(rng, n_train, (28, 28)), _images(rng, n_test, (28, 28))
     ytr, yte = rng.integers(0, 10, n_train), rng.integers(0, 10, n_test)
-    for stem, arr in (("train-images-idx3", xtr), ("train-labels-idx1", ytr),
-                      ("t10k-images-idx3", xte), ("t10k-labels-idx1", yte)):
+    for stem, arr in (
+        ("train-images-idx3", xtr),
+        ("train-labels-idx1", ytr),
+        ("t10k-images-idx3", xte),
+        ("t10k-labels-idx1", yte),
+    ):
         _idx_gz(d / f"{stem}-ubyte.gz", arr)
     return xtr, ytr, xte, yte
 
@@ -249,20 +258,32 @@ def test_cifar100_archive_uses_fine_labels(tmp_path, fmt):
     fine = [rng.integers(0, 100, 6), rng.integers(0, 100, 3)]
     coarse = [f // 5 for f in fine]
     if fmt == "binary":
+
         def rec(x, c, f):
             return np.concatenate(
                 [np.stack([c, f], 1).astype(np.uint8), _chw_flat(x)], axis=1
             ).tobytes()
 
-        members = {"cifar-100-binary/train.bin": rec(xtr, coarse[0], fine[0]),
-                   "cifar-100-binary/test.bin": rec(xte, coarse[1], fine[1])}
+        members = {
+            "cifar-100-binary/train.bin": rec(xtr, coarse[0], fine[0]),
+            "cifar-100-binary/test.bin": rec(xte, coarse[1], fine[1]),
+        }
     else:
-        def rec(x, c, f):
-            return pickle.dumps({b"data": _chw_flat(x), b"fine_labels": [int(v) for v in f],
-                                 b"coarse_labels": [int(v) for v in c]}, protocol=2)
 
-        members = {"cifar-100-python/train": rec(xtr, coarse[0], fine[0]),
-                   "cifar-100-python/test": rec(xte, coarse[1], fine[1])}
+        def rec(x, c, f):
+            return pickle.dumps(
+                {
+                    b"data": _chw_flat(x),
+                    b"fine_labels": [int(v) for v in f],
+                    b"coarse_labels": [int(v) for v in c],
+                },
+                protocol=2,
+            )
+
+        members = {
+            "cifar-100-python/train": rec(xtr, coarse[0], fine[0]),
+            "cifar-100-python/test": rec(xte, coarse[1], fine[1]),
+        }
     _write_tar(tmp_path / f"cifar-100-{fmt}.tar.gz", members)
     (x, y), (xt, yt), _, _ = load_raw("cifar100", "archive", str(tmp_path))
     np.testing.assert_array_equal(x, xtr)

@@ -27,11 +27,28 @@ class DatasetInfo:
 
 
 _CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 _FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _DIGITS = tuple(str(i) for i in range(10))
 MNIST_FILES = (
@@ -44,17 +61,30 @@ FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
 DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(
-        "cifar10", 10, (32, 32, 3), _CIFAR10_CLASSES, "cifar10",
+        "cifar10",
+        10,
+        (32, 32, 3),
+        _CIFAR10_CLASSES,
+        "cifar10",
         (("cifar-10-binary.tar.gz",), ("cifar-10-python.tar.gz",)),
     ),
     "cifar100": DatasetInfo(
         # Fine class names are read from the archive / TFDS metadata when available.
-        "cifar100", 100, (32, 32, 3), tuple(str(i) for i in range(100)), "cifar100",
+        "cifar100",
+        100,
+        (32, 32, 3),
+        tuple(str(i) for i in range(100)),
+        "cifar100",
         (("cifar-100-binary.tar.gz",), ("cifar-100-python.tar.gz",)),
     ),
     "mnist": DatasetInfo("mnist", 10, (28, 28, 1), _DIGITS, "mnist", (MNIST_FILES,)),
     "fashion_mnist": DatasetInfo(
-        "fashion_mnist", 10, (28, 28, 1), _FASHION_CLASSES, "fashion_mnist", (MNIST_FILES,),
+        "fashion_mnist",
+        10,
+        (28, 28, 1),
+        _FASHION_CLASSES,
+        "fashion_mnist",
+        (MNIST_FILES,),
         (FASHION_MNIST_SYSTEM_DIR,),
     ),
     "fashion_mnist_sample": DatasetInfo(
