@@ -1,0 +1,38 @@
+"""Residual and plain networks as Flax NNX modules (He et al. 2015, 2016)."""
+
+from resnet_jax.models.blocks import (
+    SHORTCUTS,
+    BasicBlock,
+    BottleneckBlock,
+    PreActBasicBlock,
+    PreActBottleneckBlock,
+)
+from resnet_jax.models.layers import LayerFactory, option_a_shortcut
+from resnet_jax.models.registry import (
+    FAMILIES,
+    build,
+    cifar_blocks_per_stage,
+    create,
+    default_input_shape,
+    parse_name,
+)
+from resnet_jax.models.resnet import ResNet, Stage, count_params
+
+__all__ = [
+    "FAMILIES",
+    "SHORTCUTS",
+    "BasicBlock",
+    "BottleneckBlock",
+    "LayerFactory",
+    "PreActBasicBlock",
+    "PreActBottleneckBlock",
+    "ResNet",
+    "Stage",
+    "build",
+    "cifar_blocks_per_stage",
+    "count_params",
+    "create",
+    "default_input_shape",
+    "option_a_shortcut",
+    "parse_name",
+]
