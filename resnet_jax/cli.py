@@ -1,0 +1,93 @@
+"""The `resnet-jax` command: train, and the subcommands other modules register.
+
+Known failures (bad config, missing data, no checkpoint, divergence) print one paragraph and
+exit non-zero; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a config preset",
+                       description="Train (or resume) a run. Any config value can be overridden "
+                       "with --config.section.key=value, e.g. --config.model.depth=56.")
+    p.add_argument("--config", default="quick",
+                   help="preset name (see `resnet-jax configs`) or a path to a .py config file")
+    p.add_argument("--workdir", required=True, help="run directory (resumes if it holds a run)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run even if its saved config differs")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args, overrides: list[str]) -> int:
+    from resnet_jax.config import load_config
+    from resnet_jax.train import Preempted, maybe_initialize_distributed, train_and_evaluate
+
+    maybe_initialize_distributed()
+    config = load_config(args.config, overrides)
+    try:
+        result = train_and_evaluate(config, args.workdir,
+                                    allow_config_change=args.allow_config_change)
+    except Preempted as e:
+        print(f"Preempted at step {e.args[0]}; checkpoint saved.", file=sys.stderr)
+        return 143
+    summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in result.items())
+    print(f"Done: {summary}. Run directory: {args.workdir}")
+    return 0
+
+
+def _add_configs(sub) -> None:
+    p = sub.add_parser("configs", help="list the config presets, or print one")
+    p.add_argument("name", nargs="?", help="a preset to print in full")
+    p.set_defaults(func=_run_configs)
+
+
+def _run_configs(args, overrides: list[str]) -> int:
+    from resnet_jax.config import available_presets, load_config
+
+    if args.name:
+        print(load_config(args.name, overrides))
+    else:
+        print("\n".join(available_presets()))
+    return 0
+
+
+COMMANDS = [_add_train, _add_configs]
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from resnet_jax.config import ConfigError
+    from resnet_jax.data import DatasetNotFoundError
+    from resnet_jax.train import CheckpointError, DivergenceError
+
+    return (ConfigError, DatasetNotFoundError, CheckpointError, DivergenceError, ValueError,
+            FileNotFoundError, NotImplementedError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `resnet-jax` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="resnet-jax", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    # --config.x.y=v overrides are collected here, not by argparse.
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    try:
+        return args.func(args, overrides)
+    except _known_errors() as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Experiment presets: one file per preset, each defining `get_config()`."""

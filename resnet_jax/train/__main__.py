@@ -1,0 +1,8 @@
+"""`python -m resnet_jax.train --config quick --workdir runs/quick`: same as `resnet-jax train`."""
+
+import sys
+
+from resnet_jax.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

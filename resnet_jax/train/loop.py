@@ -1,0 +1,290 @@
+"""The training run: resolve config, build state, resume, loop, evaluate, checkpoint, log.
+
+Everything with side effects lives here; the jitted core is in `step.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax.config import ConfigError, validate
+from resnet_jax.data import AugmentConfig, Dataset, load_dataset, replicate
+from resnet_jax.train.checkpoint import Checkpointer
+from resnet_jax.train.evaluation import evaluate_split
+from resnet_jax.train.logger import MetricsLogger
+from resnet_jax.train.optim import make_optimizer, make_schedule
+from resnet_jax.train.state import TrainState, graphdefs, init_state
+from resnet_jax.train.step import StepConfig, make_eval_step, make_multi_step, make_train_step
+
+# Keys a resumed run may change: they affect logging and bookkeeping, not the trajectory.
+RESUMABLE_CHANGES = {
+    "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batch_size",
+    "train.eval_splits", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.async_checkpoints", "train.steps_per_call", "data.data_dir", "data.source",
+}
+
+
+class DivergenceError(RuntimeError):
+    """Training produced non-finite losses or gradients too many steps in a row."""
+
+
+class Preempted(Exception):  # noqa: N818 - a signal, not an error
+    """SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all devices (of every host) with the batch axis named "data"."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls `jax.distributed.initialize()` when launched as one of several processes.
+
+    Triggered by JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), or by
+    RESNET_JAX_DISTRIBUTED=1 on clusters that JAX auto-detects (Slurm, Cloud TPU, ...).
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("RESNET_JAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    """The resolved config as plain JSON-able data."""
+    return json.loads(config.to_json())
+
+
+def check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError if `workdir` holds a run whose trajectory-defining config differs."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    old, new = _flatten(json.loads(path.read_text())), _flatten(config_to_dict(config))
+    diffs = sorted(k for k in set(old) | set(new)
+                   if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if diffs:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diffs[:6])
+        raise ConfigError(
+            f"workdir {workdir} holds a run with a different config ({shown}). Use another "
+            "--workdir, or pass --allow-config-change to resume it with the new values."
+        )
+
+
+def library_versions() -> dict:
+    """Versions of the libraries a result depends on, and the devices it ran on."""
+    import flax
+    import optax
+    import orbax.checkpoint
+
+    return {
+        "python": platform.python_version(), "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "flax": flax.__version__, "optax": optax.__version__,
+        "orbax_checkpoint": orbax.checkpoint.__version__, "numpy": np.__version__,
+        "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+        "process_count": jax.process_count(),
+    }
+
+
+def _check_workdir(workdir: Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable ({e.strerror}); choose a "
+                          "directory you can write to.") from None
+
+
+def _mean(records: list[dict]) -> dict:
+    stacked = jax.device_get(records)
+    return {k: float(np.mean(np.concatenate([np.ravel(r[k]) for r in stacked])))
+            for k in stacked[0] if k != "finite"}
+
+
+class _SigtermFlag:
+    def __init__(self):
+        self.raised = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no preemption handling
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       allow_config_change: bool = False, dataset: Dataset | None = None,
+                       interactive: bool | None = None) -> dict:
+    """Trains (or resumes) the run in `workdir` to `config.train.num_steps`; returns final metrics.
+
+    The run directory receives `config.json`, `versions.json`, `metrics.jsonl`, `tensorboard/`
+    and `checkpoints/`. Raises ConfigError, DatasetNotFoundError, CheckpointError,
+    DivergenceError with a message for the user; `Preempted` after saving on SIGTERM.
+    """
+    workdir = Path(workdir).absolute()
+    mesh = make_mesh()
+    validate(config, num_devices=mesh.size)
+    _check_workdir(workdir)
+    if not allow_config_change:
+        check_resume_compatible(workdir, config)
+    t = config.train
+    ds = dataset if dataset is not None else load_dataset(config.data)
+    schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
+    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
+    train_def, eval_def = graphdefs(config, ds.spec)
+    replicated = NamedSharding(mesh, P())
+    state = jax.jit(lambda: init_state(config, ds.spec, tx), out_shardings=replicated)()
+
+    ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
+                        async_save=t.async_checkpoints)
+    logger = None
+    try:
+        if ckpt.latest_step() is not None:
+            state = ckpt.restore(state)
+        start = int(state.step)
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+            (workdir / "versions.json").write_text(json.dumps(library_versions(), indent=2))
+        logger = MetricsLogger(workdir, t.num_steps, start, t.batch_size, interactive)
+        if start:
+            logger.message(f"Resumed {workdir} from step {start}.")
+        data = replicate((ds.train_images, ds.train_labels, ds.stats), mesh)
+        step_cfg = StepConfig(batch_size=t.batch_size, aug=AugmentConfig.from_config(config.data),
+                              dynamic_loss_scale=t.loss_scale > 0)
+        train_step = make_train_step(train_def, tx, schedule, step_cfg, mesh)
+        jit_kw = dict(donate_argnums=0, out_shardings=(replicated, None))
+        run_block = jax.jit(make_multi_step(train_step, t.steps_per_call), **jit_kw)
+        run_one = jax.jit(make_multi_step(train_step, 1), **jit_kw)
+        eval_step = jax.jit(make_eval_step(eval_def))
+        splits = {"validation": (ds.validation_images, ds.validation_labels),
+                  "test": (ds.test_images, ds.test_labels)}
+
+        def evaluate(state: TrainState) -> dict:
+            results = {}
+            for name in t.eval_splits:
+                images, labels = splits[name]
+                if len(images):
+                    r = evaluate_split(eval_step, state, images, labels, data[2],
+                                       t.eval_batch_size, mesh)
+                    logger.write(int(state.step), name, r)
+                    results[f"{name}_error"] = r["error"]
+                    results[f"{name}_loss"] = r["loss"]
+            return results
+
+        def check_health(state: TrainState) -> None:
+            bad = int(state.nonfinite_consecutive)
+            if bad >= t.max_consecutive_nonfinite:
+                ckpt.wait()
+                raise DivergenceError(
+                    f"Training diverged: {bad} consecutive steps up to step {int(state.step)} had "
+                    f"non-finite loss or gradients (skipped, not applied). The last good "
+                    f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
+                    "config.optim.learning_rate or enable config.optim.grad_clip_norm, then "
+                    "rerun to resume from it."
+                )
+
+        step, pending = start, []
+        last_eval: dict = {}
+        with _SigtermFlag() as sigterm:
+            while step < t.num_steps:
+                fn, k = (run_block, t.steps_per_call) if (
+                    t.num_steps - step >= t.steps_per_call) else (run_one, 1)
+                state, metrics = fn(state, data)
+                step += k
+                pending.append(metrics)
+                done = step >= t.num_steps
+                if step % t.log_every == 0 or done:
+                    check_health(state)
+                    record = _mean(pending)
+                    record["images_per_second"] = logger.images_per_second(step)
+                    record["nonfinite_total"] = int(state.nonfinite_total)
+                    logger.write(step, "train", record)
+                    pending = []
+                if step % t.eval_every == 0 or done:
+                    last_eval = evaluate(state)
+                if step % t.checkpoint_every == 0 or done or sigterm.raised:
+                    check_health(state)
+                    evaluated = step % t.eval_every == 0 or done
+                    ckpt.save(state, metrics={k: v for k, v in last_eval.items()
+                                              if k == "validation_error"} if evaluated else None)
+                if sigterm.raised:
+                    ckpt.wait()
+                    logger.message(f"SIGTERM: saved step {step}; rerun the same command to resume.")
+                    raise Preempted(step)
+        ckpt.wait()
+        return {"step": step, **last_eval, "nonfinite_total": int(state.nonfinite_total)}
+    finally:
+        if logger is not None:
+            logger.close()
+        ckpt.close()
+
+
+def restore_run(workdir: str | Path, step: int | None = None, best: bool = False):
+    """Restores a finished or running run: returns (config, dataset, state, eval graphdef, mesh)."""
+    workdir = Path(workdir).absolute()
+    path = workdir / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{workdir} is not a run directory: it has no config.json.")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    for key in ("boundaries", "eval_splits"):
+        section = config.optim if key == "boundaries" else config.train
+        section[key] = tuple(section[key])
+    ds = load_dataset(config.data)
+    mesh = make_mesh()
+    t = config.train
+    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
+    _, eval_def = graphdefs(config, ds.spec)
+    replicated = NamedSharding(mesh, P())
+    target = jax.eval_shape(lambda: init_state(config, ds.spec, tx))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          target)
+    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+        if best:
+            step = ckpt.best_step()
+            if step is None:
+                raise ConfigError(f"{workdir} has no checkpoint with a validation error; "
+                                  "use --step or the latest.")
+        state = ckpt.restore(target, step)
+    finally:
+        ckpt.close()
+    return config, ds, state, eval_def, mesh
+
+
+
