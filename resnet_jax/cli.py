@@ -58,6 +58,21 @@ def _run_configs(args, overrides: list[str]) -> int:
 
 
 COMMANDS = [_add_train, _add_configs]
+# Modules that add subcommands with a `register(subparsers)` function (ablate, evaluate, bench...).
+PLUGIN_MODULES = ("resnet_jax.ablation.cli", "resnet_jax.inference.cli", "resnet_jax.bench.cli")
+
+
+def _plugins():
+    import importlib
+
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # that part of the package is not installed in this checkout
+            raise
+        yield module.register
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -75,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="resnet-jax", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
+    for add in (*COMMANDS, *_plugins()):
         add(sub)
     # --config.x.y=v overrides are collected here, not by argparse.
     overrides = [a for a in argv if a.startswith("--config.")]

@@ -8,3 +8,42 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never touch the network: make TFDS fail fast instead of retrying downloads.
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-dir-for-tests")
+
+import pytest  # noqa: E402
+
+
+def tiny_config(**train_overrides):
+    """ResNet-8 on the bundled Fashion-MNIST sample: the shared small setting of the test suite."""
+    from resnet_jax.config import get_preset
+
+    config = get_preset("quick")
+    config.train.batch_size = 32
+    config.train.num_steps = 20
+    config.train.log_every = 5
+    config.train.eval_every = 10
+    config.train.checkpoint_every = 10
+    config.train.eval_batch_size = 200
+    config.train.async_checkpoints = False
+    config.optim.warmup_steps = 0
+    for k, v in train_overrides.items():
+        config.train[k] = v
+    return config
+
+
+@pytest.fixture(scope="session")
+def sample_dataset():
+    """The bundled sample, loaded once for the whole session."""
+    from resnet_jax.data import load_dataset
+
+    return load_dataset(tiny_config().data)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, sample_dataset):
+    """A finished 20-step ResNet-8 run directory (checkpoints at 10 and 20), shared by tests."""
+    from resnet_jax.train import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    result = train_and_evaluate(tiny_config(), workdir, dataset=sample_dataset,
+                                interactive=False)
+    return workdir, result
