@@ -1,0 +1,22 @@
+"""Using a trained model: evaluate a checkpoint, classify images, export a model file.
+
+See docs/inference.md. `resnet_jax.load(path)` is `load` below.
+"""
+
+from resnet_jax.inference.classifier import Classifier, Prediction, from_run, load
+from resnet_jax.inference.export import load_export, read_export, save_export
+from resnet_jax.inference.images import ImageLoadError, expand_paths, load_image, to_model_array
+
+__all__ = [
+    "Classifier",
+    "ImageLoadError",
+    "Prediction",
+    "expand_paths",
+    "from_run",
+    "load",
+    "load_export",
+    "load_image",
+    "read_export",
+    "save_export",
+    "to_model_array",
+]

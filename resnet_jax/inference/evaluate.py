@@ -1,0 +1,127 @@
+"""Scoring a run's checkpoint on a whole split: metrics, per-class accuracy, confusion matrix.
+
+Uses the training code's own eval step, batch size and normalisation, so the numbers equal
+those `metrics.jsonl` logged for the same step and split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+SPLITS = ("test", "validation")
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 [true, predicted] counts."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(labels), np.asarray(predictions)), 1)
+    return cm
+
+
+def logged_metrics(workdir: str | Path, step: int, split: str) -> dict | None:
+    """The last record metrics.jsonl holds for `step` and `split`, or None."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill mid-write
+        if rec.get("step") == step and rec.get("split") == split:
+            found = rec  # a resumed run may log a step twice; the last one is current
+    return found
+
+
+def plot_confusion(cm: np.ndarray, class_names: tuple[str, ...], title: str,
+                   path: str | Path) -> Path:
+    """Writes a row-normalised confusion-matrix heat map (counts annotated if few classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; safe on headless machines
+    import matplotlib.pyplot as plt
+
+    n = len(cm)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = cm / np.maximum(rows, 1)
+    size = min(4 + 0.45 * n, 24)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 30:
+        ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), class_names, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = False,
+                 split: str = "test", out_dir: str | Path | None = None) -> dict:
+    """Scores every example of `split` with a checkpoint of the run in `workdir`.
+
+    Returns (and writes to `out_dir`, default `workdir/eval/`) a summary: loss, top-1/top-5
+    error (%), per-class accuracy, the confusion matrix, the values the run logged for the same
+    step and split (if any), and the paths of the JSON file and the confusion-matrix PNG.
+    """
+    from resnet_jax.data import replicate
+    from resnet_jax.train import evaluate_split, make_eval_step, restore_run
+
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not valid; choose one of {SPLITS}")
+    workdir = Path(workdir).absolute()
+    config, ds, state, eval_def, mesh = restore_run(workdir, step=step, best=best)
+    images, labels = {"test": (ds.test_images, ds.test_labels),
+                      "validation": (ds.validation_images, ds.validation_labels)}[split]
+    if not len(images):
+        raise ValueError(f"the {split} split of {ds.spec.name} is empty in this run "
+                         f"(config.data.validation_size={config.data.validation_size}).")
+    step = int(state.step)
+    eval_step = jax.jit(make_eval_step(eval_def))
+    # Same batch size and replicated stats as the training loop: identical batches, same sums.
+    r = evaluate_split(eval_step, state, images, labels, replicate(ds.stats, mesh),
+                       config.train.eval_batch_size, mesh, return_logits=True)
+    names = tuple(ds.spec.class_names)
+    cm = confusion_matrix(labels, np.argmax(r["logits"], axis=-1), ds.spec.num_classes)
+    counts = cm.sum(axis=1)
+    per_class = [{"class": i, "name": names[i], "count": int(counts[i]),
+                  "accuracy": 100.0 * float(cm[i, i]) / counts[i] if counts[i] else None}
+                 for i in range(len(names))]
+    out = Path(out_dir) if out_dir is not None else workdir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{split}_step{step}"
+    png = plot_confusion(cm, names, f"{ds.spec.name} {split}, step {step}: "
+                         f"top-1 error {r['error']:.2f}%", out / f"{stem}_confusion.png")
+    summary = {
+        "run": str(workdir),
+        "step": step,
+        "split": split,
+        "dataset": ds.spec.name,
+        "count": int(r["count"]),
+        "loss": r["loss"],
+        "error": r["error"],
+        "top5_error": r["top5_error"],
+        "per_class": per_class,
+        "class_names": list(names),
+        "confusion_matrix": cm.tolist(),
+        "logged": logged_metrics(workdir, step, split),
+        "files": {"json": str(out / f"{stem}.json"), "confusion_png": str(png)},
+    }
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    return summary
