@@ -1,0 +1,201 @@
+"""Evaluate, predict, export and the `resnet_jax.load` API, on the shared tiny ResNet-8 run."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import resnet_jax
+from resnet_jax.cli import main
+from resnet_jax.inference import ImageLoadError, load_image, read_export, to_model_array
+from resnet_jax.inference.evaluate import evaluate_run
+
+
+def _logged(workdir, step, split):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["step"] == step and r["split"] == split][-1]
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_run):
+    return resnet_jax.load(tiny_run[0], step=20)
+
+
+# --- image conversion (no model) ---------------------------------------------------------------
+
+
+def test_conversion_to_training_shape_and_channels(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    # RGB -> 1 channel is Pillow's own luma conversion.
+    want = np.asarray(Image.fromarray(rgb).convert("L"))[..., None]
+    np.testing.assert_array_equal(to_model_array(Image.fromarray(rgb), (28, 28, 1)), want)
+    # Grayscale -> 3 channels replicates the gray value.
+    gray = rgb[..., 0]
+    out = to_model_array(Image.fromarray(gray), (28, 28, 3))
+    np.testing.assert_array_equal(out, np.repeat(gray[..., None], 3, -1))
+    # RGBA: transparent pixels become white, opaque ones keep their value, half alpha blends.
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., :3] = 100
+    rgba[0, :, 3], rgba[1, :, 3], rgba[2:, :, 3] = 0, 128, 255
+    out = to_model_array(Image.fromarray(rgba, "RGBA"), (28, 28, 1))[..., 0]
+    assert (out[0] == 255).all() and (out[2:] == 100).all()
+    assert abs(int(out[1, 0]) - round(100 * 128 / 255 + 255 * 127 / 255)) <= 1
+    # Resized to the training H x W; a constant image stays constant.
+    big = Image.fromarray(np.full((64, 48, 3), 77, np.uint8))
+    out = to_model_array(big, (28, 28, 1))
+    assert out.shape == (28, 28, 1) and (out == 77).all()
+    # 16-bit grayscale PNG: rescaled to 8 bits, not clipped at 255.
+    wide = np.full((28, 28), 65535, np.uint16)
+    wide[:14] = 257 * 40
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    out = load_image(tmp_path / "wide.png", (28, 28, 1))[..., 0]
+    assert (out[:14] == 40).all() and (out[14:] == 255).all()
+
+
+def test_bad_files_raise_naming_the_file(tmp_path):
+    (tmp_path / "text.png").write_text("not a png at all")
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "whole.png")
+    whole = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])  # truncated mid-data
+    for name, phrase in [("missing.png", "no such file"), ("text.png", "Pillow can read"),
+                         ("cut.png", "cannot decode")]:
+        with pytest.raises(ImageLoadError, match=phrase) as e:
+            load_image(tmp_path / name, (28, 28, 1))
+        assert str(tmp_path / name) in str(e.value)
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+
+def test_evaluate_reproduces_the_training_log(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    s = evaluate_run(workdir, step=20, split="test", out_dir=tmp_path)
+    logged = _logged(workdir, 20, "test")
+    assert s["step"] == 20 and s["count"] == logged["count"] == 1000
+    assert s["error"] == logged["error"] and s["top5_error"] == logged["top5_error"]
+    assert abs(s["loss"] - logged["loss"]) <= 1e-5
+    cm = np.asarray(s["confusion_matrix"])
+    assert cm.sum() == 1000 and cm.sum(axis=1).tolist() == [c["count"] for c in s["per_class"]]
+    assert 100.0 * (1000 - np.trace(cm)) / 1000 == pytest.approx(s["error"], abs=1e-9)
+    accs = [c["accuracy"] for c in s["per_class"]]
+    np.testing.assert_allclose(accs, 100.0 * np.diag(cm) / cm.sum(axis=1))
+    assert [c["name"] for c in s["per_class"]][:2] == ["T-shirt/top", "Trouser"]
+    assert json.loads((tmp_path / "test_step20.json").read_text())["error"] == s["error"]
+    with Image.open(tmp_path / "test_step20_confusion.png") as png:
+        assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_evaluate_cli_validation_split(tiny_run, capsys):
+    workdir, _ = tiny_run
+    assert main(["evaluate", "--workdir", str(workdir), "--step", "20",
+                 "--split", "validation"]) == 0
+    out = capsys.readouterr().out
+    logged = _logged(workdir, 20, "validation")
+    summary = json.loads((workdir / "eval" / "validation_step20.json").read_text())
+    assert summary["error"] == logged["error"] and summary["count"] == 500
+    assert abs(summary["loss"] - logged["loss"]) <= 1e-5
+    assert f"top-1 error {logged['error']:.2f}%" in out and "(identical)" in out
+    assert "Ankle boot" in out and (workdir / "eval" / "validation_step20_confusion.png").exists()
+
+
+# --- classifier API and predict ----------------------------------------------------------------
+
+
+def test_classifier_reproduces_logged_test_error(tiny_run, clf, sample_dataset):
+    ds = sample_dataset
+    assert clf.step == 20 and clf.class_names == ds.spec.class_names
+    probs = clf(ds.test_images)
+    assert probs.shape == (1000, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    error = 100.0 * int(np.sum(np.argmax(probs, -1) != ds.test_labels)) / 1000
+    assert error == _logged(tiny_run[0], 20, "test")["error"]
+    np.testing.assert_array_equal(np.argmax(clf.logits(ds.test_images[:7]), -1),
+                                  np.argmax(probs[:7], -1))
+
+
+def test_predict_cli_on_pngs(tiny_run, clf, sample_dataset, tmp_path, capsys):
+    x = sample_dataset.test_images[:3]  # [3, 28, 28, 1]
+    gray, rgb, rgba = x[0, ..., 0], np.repeat(x[1], 3, -1), np.repeat(x[2], 3, -1)
+    Image.fromarray(gray).save(tmp_path / "a_gray.png")
+    Image.fromarray(rgb).save(tmp_path / "b_rgb.png")
+    alpha = np.full((28, 28, 1), 255, np.uint8)  # opaque: the pixels must come back unchanged
+    Image.fromarray(np.concatenate([rgba, alpha], -1), "RGBA").save(tmp_path / "c_rgba.png")
+    (tmp_path / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x01" * 40)
+    rc = main(["predict", "--workdir", str(tiny_run[0]), "--top-k", "3", "--json",
+               str(tmp_path)])
+    captured = capsys.readouterr()
+    assert rc == 1  # one file failed; the others were still classified
+    assert str(tmp_path / "b_corrupt.png") in captured.err
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["file"] for r in lines] == [str(tmp_path / n)
+                                          for n in ("a_gray.png", "b_rgb.png", "c_rgba.png")]
+    want = clf(x)  # the same pixels, straight from the dataset
+    for r, p in zip(lines, want, strict=True):
+        order = np.argsort(-p, kind="stable")[:3]
+        assert [name for name, _ in r["top"]] == [clf.class_names[i] for i in order]
+        np.testing.assert_allclose([pr for _, pr in r["top"]], p[order], rtol=1e-6)
+
+
+def test_api_predict_bad_file_does_not_stop_others(clf, sample_dataset, tmp_path):
+    x = sample_dataset.test_images[5]
+    Image.fromarray(x[..., 0]).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_text("nope")
+    preds = clf.predict([tmp_path / "ok.png", tmp_path / "bad.png", Image.fromarray(x[..., 0])],
+                        top_k=2)
+    assert preds[1].error is not None and str(tmp_path / "bad.png") in preds[1].error
+    assert preds[0].top == preds[2].top and len(preds[0].top) == 2
+    assert preds[0].label == clf.class_names[int(np.argmax(clf(x[None])[0]))]
+
+
+def test_best_checkpoint(tiny_run):
+    workdir, _ = tiny_run
+    val = {s: _logged(workdir, s, "validation")["error"] for s in (10, 20)}
+    assert resnet_jax.load(workdir, best=True).step == min(val, key=val.get)
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def test_export_round_trip_gives_identical_logits(tiny_run, clf, sample_dataset, tmp_path):
+    out = tmp_path / "model.safetensors"
+    assert main(["export", "--workdir", str(tiny_run[0]), "--step", "20",
+                 "--out", str(out)]) == 0
+    meta, tensors = read_export(out)
+    assert meta["class_names"] == list(clf.class_names) and meta["image_shape"] == [28, 28, 1]
+    assert meta["model"]["depth"] == 8 and meta["step"] == 20
+    assert all(k.split("/")[0] in ("params", "batch_stats", "normalization") for k in tensors)
+    np.testing.assert_array_equal(tensors["normalization/mean"], sample_dataset.stats.mean)
+    exported = resnet_jax.load(out)
+    images = sample_dataset.test_images[:300]
+    np.testing.assert_array_equal(exported.logits(images), clf.logits(images))
+    with pytest.raises(ValueError, match="run directories"):
+        resnet_jax.load(out, step=10)
+
+
+def test_export_rejects_foreign_safetensors(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros((2,), np.float32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="other.safetensors.*resnet-jax export"):
+        resnet_jax.load(tmp_path / "other.safetensors")
+
+
+# --- runs without checkpoints -------------------------------------------------------------------
+
+
+def test_missing_run_or_checkpoint_is_a_clear_error(tiny_run, tmp_path, capsys):
+    empty = tmp_path / "no_ckpt_run"
+    empty.mkdir()
+    shutil.copy(tiny_run[0] / "config.json", empty / "config.json")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "x.png")
+    for cmd in (["predict", "--workdir", str(empty), str(tmp_path / "x.png")],
+                ["evaluate", "--workdir", str(empty)]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert str(empty) in err and "checkpoint" in err.lower() and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        resnet_jax.load(tmp_path / "nowhere")
