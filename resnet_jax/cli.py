@@ -27,8 +27,9 @@ def _run_train(args, overrides: list[str]) -> int:
     from resnet_jax.config import load_config
     from resnet_jax.train import Preempted, maybe_initialize_distributed, train_and_evaluate
 
-    maybe_initialize_distributed()
+    # Validate first: a bad value must not wait for a coordinator or the other processes.
     config = load_config(args.config, overrides)
+    maybe_initialize_distributed()
     try:
         result = train_and_evaluate(config, args.workdir,
                                     allow_config_change=args.allow_config_change)
@@ -80,8 +81,15 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from resnet_jax.data import DatasetNotFoundError
     from resnet_jax.train import CheckpointError, DivergenceError
 
+    # OSError covers FileNotFoundError, PermissionError and a full disk outside checkpoints.
     return (ConfigError, DatasetNotFoundError, CheckpointError, DivergenceError, ValueError,
-            FileNotFoundError, NotImplementedError)
+            OSError, NotImplementedError)
+
+
+def format_error(e: BaseException) -> str:
+    """An error as the one paragraph the CLI prints: `error: ...` with whitespace collapsed."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"error: {text}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _known_errors() as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(format_error(e), file=sys.stderr)
         return 2
 
 

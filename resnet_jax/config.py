@@ -217,6 +217,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     else:
         _check(m.depth in IMAGENET_STAGE_SIZES, "model.depth", m.depth,
                f"choose one of {sorted(IMAGENET_STAGE_SIZES)} for {m.family}")
+    _check(0 <= m.bn_momentum < 1, "model.bn_momentum", m.bn_momentum, "must be in [0, 1)")
+    _positive(config, "model.bn_epsilon")
+    from resnet_jax.data import DATASETS
+
+    if config.data.name not in DATASETS:
+        close = difflib.get_close_matches(str(config.data.name), DATASETS, n=2)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        _check(False, "data.name", config.data.name,
+               f"choose one of {tuple(sorted(DATASETS))}{hint}")
     try:
         validate_data_config(config.data)
     except ValueError as e:
@@ -229,6 +238,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 "optim.warmup_learning_rate", "train.loss_scale"):
         _positive(config, key, allow_zero=True)
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    for key in ("b1", "b2"):
+        _check(0 <= o[key] < 1, f"optim.{key}", o[key], "must be in [0, 1)")
+    _check(isinstance(o.reference_batch_size, int) and o.reference_batch_size > 0,
+           "optim.reference_batch_size", o.reference_batch_size, "must be an integer > 0")
+    _check(isinstance(t.seed, int) and not isinstance(t.seed, bool) and t.seed >= 0,
+           "train.seed", t.seed, "must be an integer >= 0")
     _check(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "must be in (0, 1]")
     _check(all(isinstance(b, int) and b > 0 for b in o.boundaries)
            and list(o.boundaries) == sorted(o.boundaries),

@@ -1,13 +1,23 @@
-"""Orbax checkpoints of the train state: async, atomic, last K plus the best by validation error.
+"""Orbax checkpoints of the train state: async, atomic, verified, last K plus the best.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a kill at any
-moment leaves every listed checkpoint whole. Restoring walks back from the newest step and skips
-any checkpoint that fails to read (truncated file, missing metadata), with a warning naming it.
+moment leaves every listed checkpoint whole (leftover temporary directories are removed when the
+next run starts). Once a save has been committed we add a manifest (`MANIFEST`: size and SHA-256
+of every file), because Orbax/TensorStore do not notice every truncated or missing file at
+restore. Restoring walks back from the newest step and skips any checkpoint that fails the
+manifest or fails to read, with a warning naming it; a skipped checkpoint is moved aside to
+`<checkpoints>.corrupt/` so that the run can write that step again.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -18,10 +28,11 @@ from resnet_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "validation_error"
+MANIFEST = "resnet_jax_manifest.json"
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint, or a checkpoint that must not be written."""
+    """No usable checkpoint, or a checkpoint that must not (or could not) be written."""
 
 
 def _finite(tree) -> bool:
@@ -32,12 +43,65 @@ def _finite(tree) -> bool:
     )
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Records size and SHA-256 of every file under a committed checkpoint's `step_dir`."""
+    files = {}
+    for p in sorted(step_dir.rglob("*")):
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(MANIFEST):
+            files[str(p.relative_to(step_dir))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    tmp = step_dir / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, step_dir / MANIFEST)  # atomic: a kill leaves no half-written manifest
+
+
+def verify_manifest(step_dir: Path) -> str | None:
+    """What is wrong with `step_dir` according to its manifest, or None if it matches.
+
+    A checkpoint without a manifest (killed between commit and manifest, or written by an older
+    version) is not judged here; Orbax's own read errors still catch most damage.
+    """
+    path = step_dir / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"its manifest {MANIFEST} is unreadable ({e})"
+    for rel, want in files.items():
+        p = step_dir / rel
+        if not p.is_file():
+            return f"file {rel} is missing"
+        size = p.stat().st_size
+        if size != want["size"]:
+            return f"file {rel} has {size} bytes, expected {want['size']} (truncated?)"
+        if _sha256(p) != want["sha256"]:
+            return f"file {rel} does not match its checksum (corrupted)"
+    return None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"the disk is full ({e})"
+    # Orbax/TensorStore messages can run to many lines; the first one says what happened.
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
 class Checkpointer:
     """Saves and restores `TrainState`s under `directory` (one sub-directory per step)."""
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(keep),
             ocp.checkpoint_managers.BestN(
@@ -50,24 +114,97 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
+            # A kill during an async save leaves a temporary directory: remove it on restart.
+            cleanup_tmp_directories=not read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unverified: list[int] = []  # saved by us, manifest not yet written
+        self._in_flight: int | None = None
+
+    def _fail(self, step: int | None, e: BaseException) -> CheckpointError:
+        kept = [s for s in self._safe_steps() if s != step]
+        keep = (f"The previous checkpoint (step {kept[-1]}) is kept" if kept
+                else "No earlier checkpoint exists")
+        return CheckpointError(
+            f"Could not write the checkpoint of step {step} to {self.directory}: {_describe(e)}. "
+            f"{keep}; free disk space or fix the directory, then rerun the same command to "
+            "resume from it."
+        )
+
+    def _safe_steps(self) -> list[int]:
+        try:
+            return self.steps()
+        except Exception:  # noqa: BLE001 - only used to word an error message
+            return []
+
+    def _check_directory(self, step: int) -> None:
+        if not self.directory.is_dir():
+            # Orbax would silently recreate it; a vanished directory (deleted, unmounted) means
+            # every earlier checkpoint is gone too, which the user must hear about now.
+            raise CheckpointError(
+                f"Could not write the checkpoint of step {step}: the checkpoint directory "
+                f"{self.directory} has disappeared (deleted or unmounted?). Restore it, or "
+                "rerun with a new --workdir."
+            )
+
+    def _write_manifests(self) -> None:
+        """Adds manifests to the checkpoints we saved whose commit has completed."""
+        if not self._unverified or jax.process_index() != 0:
+            self._unverified = []
+            return
+        for step in list(self._unverified):
+            # The final directory appears only when Orbax's atomic rename commits the step.
+            step_dir = self.directory / str(step)
+            if step == self._in_flight and not step_dir.is_dir():
+                continue
+            self._unverified.remove(step)
+            if step_dir.is_dir():
+                try:
+                    write_manifest(step_dir)
+                except FileNotFoundError:
+                    pass  # removed meanwhile by the preservation policy
 
     def save(self, state: TrainState, metrics: dict | None = None, force: bool = False) -> bool:
-        """Starts saving `state` at its step (async); never writes non-finite parameters."""
+        """Starts saving `state` at its step (async); never writes non-finite parameters.
+
+        Raises CheckpointError when this or the previous (async) save could not be written.
+        """
         step = int(state.step)
         if not _finite((state.params, state.batch_stats)):
             raise CheckpointError(
                 f"Refusing to save step {step}: parameters are not finite. The last good "
                 f"checkpoint ({self.latest_step()}) is kept."
             )
+        self._check_directory(step)
         metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
-        return self.manager.save(step, args=ocp.args.StandardSave(state.as_dict()),
-                                 metrics=metrics, force=force)
+        previous = self._in_flight
+        try:
+            # Orbax first waits for the previous async save and re-raises its failure here.
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - any failure of a write is reported the same way
+            raise self._fail(previous, e) from e
+        self._in_flight = None
+        try:
+            saved = self.manager.save(step, args=ocp.args.StandardSave(state.as_dict()),
+                                      metrics=metrics, force=force)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(step, e) from e
+        if saved:
+            self._in_flight = step
+            self._unverified.append(step)
+        self._write_manifests()
+        return saved
 
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk; raises if one failed."""
-        self.manager.wait_until_finished()
+        """Blocks until pending async saves are on disk; raises CheckpointError if one failed."""
+        step = self._in_flight
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(step, e) from e
+        finally:
+            self._in_flight = None
+        self._write_manifests()
 
     def steps(self) -> list[int]:
         """Steps with a complete checkpoint, oldest first."""
@@ -82,6 +219,19 @@ class Checkpointer:
     def best_step(self) -> int | None:
         """The step with the lowest validation error among the kept checkpoints, or None."""
         return self.manager.best_step()
+
+    def _quarantine(self, step: int) -> Path | None:
+        """Moves an unusable checkpoint aside so the run can save that step again."""
+        if self.read_only or jax.process_index() != 0:
+            return None
+        dest = self.directory.parent / f"{self.directory.name}.corrupt" / f"{step}-{time.time_ns()}"
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), dest)
+        except OSError:
+            return None
+        self.manager.reload()
+        return dest
 
     def restore(self, target: TrainState, step: int | None = None) -> TrainState:
         """Restores `step` (default: newest good one) into `target`'s structure and shardings.
@@ -100,20 +250,39 @@ class Checkpointer:
             )
         errors = []
         for s in candidates:
-            try:
-                restored = self.manager.restore(s, args=ocp.args.StandardRestore(abstract))
-                return TrainState(**restored)
-            except Exception as e:  # noqa: BLE001 - any read failure means "not usable"
-                msg = f"checkpoint {self.directory / str(s)} is unreadable"
-                msg += f" ({type(e).__name__}: {e})"
-                errors.append(msg)
-                if step is not None:
-                    break
-                log.warning("%s; falling back to the previous checkpoint.", msg)
-        detail = "; ".join(errors) if errors else "the directory holds no checkpoint"
-        raise CheckpointError(f"No usable checkpoint in {self.directory}: {detail}.")
+            step_dir = self.directory / str(s)
+            problem = verify_manifest(step_dir)
+            if problem is None:
+                try:
+                    restored = self.manager.restore(s, args=ocp.args.StandardRestore(abstract))
+                    return TrainState(**restored)
+                except Exception as e:  # noqa: BLE001 - any read failure means "not usable"
+                    problem = f"it cannot be read ({_describe(e)})"
+            msg = f"checkpoint {step_dir} is unusable: {problem}"
+            errors.append(msg)
+            if step is not None:
+                break
+            moved = self._quarantine(s)
+            where = f" (moved to {moved})" if moved else ""
+            log.warning("%s%s; falling back to the previous checkpoint.", msg, where)
+        if not candidates:
+            raise CheckpointError(f"No checkpoint in {self.directory}.")
+        raise CheckpointError(
+            f"No usable checkpoint in {self.directory}: {'; '.join(errors)}. Restore a good copy, "
+            "or start afresh with another --workdir."
+        )
 
-    def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self.manager.wait_until_finished()
+    def close(self, raise_errors: bool = True) -> None:
+        """Waits for pending saves and releases the manager.
+
+        With `raise_errors=False` (while another error is propagating) a failed save is logged
+        rather than raised, so it does not hide the original error.
+        """
+        try:
+            self.wait()
+        except CheckpointError as e:
+            if raise_errors:
+                self.manager.close()
+                raise
+            log.error("%s", e)
         self.manager.close()

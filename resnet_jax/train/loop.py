@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import signal
+import sys
 from pathlib import Path
 
 import jax
@@ -23,7 +24,7 @@ from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.logger import MetricsLogger
 from resnet_jax.train.optim import make_optimizer, make_schedule
-from resnet_jax.train.state import TrainState, graphdefs, init_state
+from resnet_jax.train.state import TrainState, create_state, graphdefs, init_state
 from resnet_jax.train.step import StepConfig, make_eval_step, make_multi_step, make_train_step
 
 # Keys a resumed run may change: they affect logging and bookkeeping, not the trajectory.
@@ -114,7 +115,8 @@ def library_versions() -> dict:
 def _check_workdir(workdir: Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_probe"
+        # One probe per process: with several processes the names must not collide.
+        probe = workdir / f".write_probe.{jax.process_index()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -169,14 +171,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
     train_def, eval_def = graphdefs(config, ds.spec)
     replicated = NamedSharding(mesh, P())
-    state = jax.jit(lambda: init_state(config, ds.spec, tx), out_shardings=replicated)()
+    make_state = jax.jit(lambda: init_state(config, ds.spec, tx), out_shardings=replicated)
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
                         async_save=t.async_checkpoints)
     logger = None
     try:
         if ckpt.latest_step() is not None:
-            state = ckpt.restore(state)
+            # Restore into an abstract target: a bad checkpoint is reported before any compile.
+            target = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                jax.eval_shape(make_state))
+            state = ckpt.restore(target)
+        else:
+            state = create_state(config, ds.spec, tx, replicated)
         start = int(state.step)
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
@@ -211,12 +219,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             bad = int(state.nonfinite_consecutive)
             if bad >= t.max_consecutive_nonfinite:
                 ckpt.wait()
+                last = int(state.step)
+                good = ckpt.latest_step()
+                where = (f"The last good checkpoint is step {good} in {ckpt.directory} (not "
+                         "overwritten)" if good is not None else "There is no checkpoint yet")
                 raise DivergenceError(
-                    f"Training diverged: {bad} consecutive steps up to step {int(state.step)} had "
-                    f"non-finite loss or gradients (skipped, not applied). The last good "
-                    f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
-                    "config.optim.learning_rate or enable config.optim.grad_clip_norm, then "
-                    "rerun to resume from it."
+                    f"Training diverged at step {last - bad + 1}: the {bad} consecutive steps "
+                    f"{last - bad + 1}..{last} had non-finite loss or gradients (skipped, not "
+                    f"applied; config.train.max_consecutive_nonfinite="
+                    f"{t.max_consecutive_nonfinite}). {where}. Lower config.optim.learning_rate "
+                    "or set config.optim.grad_clip_norm, then rerun to resume from it."
                 )
 
         step, pending = start, []
@@ -252,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     finally:
         if logger is not None:
             logger.close()
-        ckpt.close()
+        # While another error propagates, a failing pending save is logged, not raised over it.
+        ckpt.close(raise_errors=sys.exc_info()[0] is None)
 
 
 def restore_run(workdir: str | Path, step: int | None = None, best: bool = False):
