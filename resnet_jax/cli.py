@@ -73,7 +73,11 @@ def _plugins():
             if e.name is not None and name.startswith(e.name):
                 continue  # that part of the package is not installed in this checkout
             raise
-        yield module.register
+        # A module without register() (e.g. one still being written) adds no subcommand; it
+        # must not take the whole command line down with an AttributeError.
+        register = getattr(module, "register", None)
+        if register is not None:
+            yield register
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
