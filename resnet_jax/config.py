@@ -137,8 +137,11 @@ def _parse_value(text: str, current):
     if isinstance(current, float):
         return float(text)
     if isinstance(current, tuple):
-        value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
-        return tuple(value)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):  # bare words: test,validation
+            value = tuple(w.strip() for w in text.strip("()[]").split(",") if w.strip())
+        return tuple(value) if isinstance(value, tuple | list) else (value,)
     if current is None:
         try:
             return ast.literal_eval(text)

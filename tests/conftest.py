@@ -17,7 +17,7 @@ def tiny_config(**train_overrides):
     from resnet_jax.config import get_preset
 
     config = get_preset("quick")
-    config.train.batch_size = 32
+    config.train.batch_size = 64
     config.train.num_steps = 20
     config.train.log_every = 5
     config.train.eval_every = 10
@@ -40,7 +40,7 @@ def sample_dataset():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, sample_dataset):
-    """A finished 20-step ResNet-8 run directory (checkpoints at 10 and 20), shared by tests."""
+    """A finished 20-step ResNet-8 run (batch 64, checkpoints at 10 and 20), shared by tests."""
     from resnet_jax.train import train_and_evaluate
 
     workdir = tmp_path_factory.mktemp("tiny_run")

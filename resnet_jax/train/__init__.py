@@ -11,7 +11,13 @@ from resnet_jax.train.loop import (
     train_and_evaluate,
 )
 from resnet_jax.train.optim import make_optimizer, make_schedule
-from resnet_jax.train.state import TrainState, graphdefs, init_state, model_from_config
+from resnet_jax.train.state import (
+    TrainState,
+    create_state,
+    graphdefs,
+    init_state,
+    model_from_config,
+)
 from resnet_jax.train.step import StepConfig, make_eval_step, make_multi_step, make_train_step
 
 __all__ = [
@@ -21,6 +27,7 @@ __all__ = [
     "Preempted",
     "StepConfig",
     "TrainState",
+    "create_state",
     "evaluate_split",
     "graphdefs",
     "init_state",

@@ -1,0 +1,202 @@
+"""Training: overfitting, data-parallel equivalence, exact resume, schedules, the quick preset."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax.config import ConfigError, apply_overrides, default_config, get_preset
+from resnet_jax.data import AugmentConfig, replicate
+from resnet_jax.train import (
+    Checkpointer,
+    StepConfig,
+    create_state,
+    graphdefs,
+    init_state,
+    make_mesh,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    train_and_evaluate,
+)
+from resnet_jax.train.logger import read_metrics
+
+
+def small_dataset(ds, n_train):
+    """The first `n_train` training images of `ds` (short epochs for resume tests)."""
+    spec = dataclasses.replace(ds.spec, num_train=n_train)
+    return dataclasses.replace(ds, train_images=ds.train_images[:n_train],
+                               train_labels=ds.train_labels[:n_train], spec=spec)
+
+
+def run_steps(config, ds, mesh, num_steps, aug=None):
+    """Initialises a state and applies `num_steps` jitted train steps; returns (state, losses)."""
+    t = config.train
+    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
+    schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
+    train_def, _ = graphdefs(config, ds.spec)
+    repl = NamedSharding(mesh, P())
+    state = create_state(config, ds.spec, tx, repl)
+    data = replicate((ds.train_images, ds.train_labels, ds.stats), mesh)
+    cfg = StepConfig(t.batch_size, aug or AugmentConfig.from_config(config.data))
+    step = jax.jit(make_train_step(train_def, tx, schedule, cfg, mesh))
+    losses = []
+    for _ in range(num_steps):
+        state, metrics = step(state, data)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("adam", 2e-3)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_overfits_a_small_batch(sample_dataset, optimizer, lr, dtype):
+    config = tiny_config(batch_size=32)
+    config.model.dtype = dtype
+    config.optim.name = optimizer
+    config.optim.learning_rate = lr
+    config.optim.schedule = "constant"
+    ds = small_dataset(sample_dataset, 32)  # one batch, seen every step
+    _, losses = run_steps(config, ds, make_mesh(jax.devices()[:1]), 30,
+                          aug=AugmentConfig(pad=0, crop=False, flip=False))
+    assert losses[0] > 1.8  # ~ln(10) at init
+    assert min(losses[-5:]) < 0.3 * losses[0], losses
+
+
+def test_eight_devices_match_one_device(sample_dataset):
+    assert jax.device_count() == 8
+    config = tiny_config(batch_size=32)
+    one, _ = run_steps(config, sample_dataset, make_mesh(jax.devices()[:1]), 1)
+    eight, _ = run_steps(config, sample_dataset, make_mesh(), 1)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=5e-5)
+    # Global BatchNorm: the running statistics agree too.
+    for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(eight.batch_stats),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=5e-5)
+
+
+def _final_params(workdir, config, ds):
+    t = config.train
+    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
+    target = jax.eval_shape(lambda: init_state(config, ds.spec, tx))
+    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+        state = ckpt.restore(target)
+    finally:
+        ckpt.close()
+    return state
+
+
+def test_resume_is_bitwise_exact_across_an_epoch_boundary(tmp_path, sample_dataset):
+    ds = small_dataset(sample_dataset, 80)  # 2 steps per epoch at batch 32
+    config = tiny_config(batch_size=32, num_steps=6, checkpoint_every=3, eval_every=3,
+                         log_every=3)
+    # A schedule that does not depend on num_steps, which the interrupted run sets to 3.
+    config.optim.schedule = "constant"
+    config.train.eval_splits = ("validation",)
+    full = train_and_evaluate(config, tmp_path / "full", dataset=ds, interactive=False)
+    config.train.num_steps = 3
+    train_and_evaluate(config, tmp_path / "resumed", dataset=ds, interactive=False)
+    config.train.num_steps = 6
+    resumed = train_and_evaluate(config, tmp_path / "resumed", dataset=ds, interactive=False)
+    a = _final_params(tmp_path / "full", config, ds)
+    b = _final_params(tmp_path / "resumed", config, ds)
+    assert int(a.step) == int(b.step) == 6
+    for x, y in zip(jax.tree.leaves(a.as_dict()), jax.tree.leaves(b.as_dict()), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert full["validation_error"] == resumed["validation_error"]
+    # The resumed run logged steps 1-3 once and 4-6 once, like the uninterrupted one.
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed") if r["split"] == "train"]
+    assert steps == [3, 6]
+
+
+def test_tiny_run_writes_its_outputs(tiny_run):
+    workdir, result = tiny_run
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["depth"] == 8 and config["train"]["num_steps"] == 20
+    versions = json.loads((workdir / "versions.json").read_text())
+    assert versions["jax"] == jax.__version__
+    records = read_metrics(workdir)
+    test_records = [r for r in records if r["split"] == "test"]
+    assert [r["step"] for r in test_records] == [10, 20]
+    assert all(r["count"] == 1000 for r in test_records)
+    train = [r for r in records if r["split"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [10, 20]
+    assert list((workdir / "tensorboard").iterdir())
+    assert result["test_error"] == test_records[-1]["error"]
+
+
+def test_quick_preset_learns(tiny_run):
+    # tiny_run is the quick preset at batch 32 for 20 steps (the full preset: see README).
+    _, result = tiny_run
+    assert result["test_error"] < 70.0  # chance is 90%
+
+
+def test_paper_schedule_values():
+    config = get_preset("cifar10_resnet56")
+    schedule = make_schedule(config.optim, 128, 64000)
+    values = [float(schedule(s)) for s in (0, 31999, 32000, 47999, 48000, 63999)]
+    np.testing.assert_allclose(values, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_resnet110_warmup_then_paper_schedule():
+    config = get_preset("cifar10_resnet110")
+    schedule = make_schedule(config.optim, 128, 64000)
+    values = [float(schedule(s)) for s in (0, 399, 400, 31999, 32000, 48000)]
+    np.testing.assert_allclose(values, [0.01, 0.01, 0.1, 0.1, 0.01, 0.001], rtol=1e-6)
+
+
+def test_linear_warmup_cosine_and_batch_scaling():
+    config = default_config()
+    apply_overrides(config, ["optim.schedule=cosine", "optim.warmup=linear",
+                             "optim.warmup_steps=100", "optim.scale_with_batch=true"])
+    schedule = make_schedule(config.optim, 256, 1000)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(50)), 0.1, rtol=1e-6)  # half of 0.2
+    np.testing.assert_allclose(float(schedule(100)), 0.2 * 0.5 * (1 + np.cos(np.pi * 0.1)),
+                               rtol=1e-5)
+    assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_weight_decay_mask_excludes_bn_and_bias():
+    config = default_config()
+    config.optim.decay_bn_and_bias = False
+    config.optim.learning_rate = 1.0
+    config.optim.momentum = 0.0
+    tx = make_optimizer(config.optim, 128, 10)
+    params = {"conv": {"kernel": jnp.ones(3)}, "bn": {"scale": jnp.ones(3), "bias": jnp.ones(3)}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["conv"]["kernel"], -1e-4)
+    np.testing.assert_allclose(updates["bn"]["scale"], 0.0)
+    np.testing.assert_allclose(updates["bn"]["bias"], 0.0)
+
+
+def test_overrides_parse_types_and_reject_unknown_keys():
+    config = default_config()
+    apply_overrides(config, ["--config.model.depth=56", "config.optim.learning_rate=0.05",
+                             "train.eval_splits=test", "model.scan_blocks=true",
+                             "optim.boundaries=(100,200)"])
+    assert config.model.depth == 56 and config.optim.learning_rate == 0.05
+    assert config.train.eval_splits == ("test",) and config.model.scan_blocks is True
+    assert config.optim.boundaries == (100, 200)
+    with pytest.raises(ConfigError, match="model.depth"):
+        apply_overrides(config, ["model.dpeth=20"])
+    with pytest.raises(ConfigError, match="valid int"):
+        apply_overrides(config, ["model.depth=deep"])
+
+
+def test_resume_refuses_a_different_config(tiny_run, sample_dataset):
+    workdir, _ = tiny_run
+    config = tiny_config()
+    config.model.family = "cifar_plain"
+    with pytest.raises(ConfigError, match="model.family"):
+        train_and_evaluate(config, workdir, dataset=sample_dataset, interactive=False)
