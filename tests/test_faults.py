@@ -1,0 +1,385 @@
+"""Faults: SIGKILL at any moment, corrupted checkpoints, divergence, a full or vanished disk.
+
+The kill test runs training in subprocesses (`helpers_train_proc.py`) on 2 simulated devices
+with async checkpoints; the others reuse the session's finished `tiny_run` (checkpoints 10, 20).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax.cli import main
+from resnet_jax.data import NormStats
+from resnet_jax.train import (
+    Checkpointer,
+    CheckpointError,
+    DivergenceError,
+    init_state,
+    make_mesh,
+    make_optimizer,
+    restore_run,
+    train_and_evaluate,
+)
+from resnet_jax.train.checkpoint import MANIFEST, verify_manifest
+
+HELPER = Path(__file__).with_name("helpers_train_proc.py")
+ROOT = HELPER.parent.parent
+# The killed run and its uninterrupted reference: same device count, so results are bitwise equal.
+KILL_DEVICES = 2
+KILL_RUN = [
+    "train.batch_size=32", "train.num_steps=20", "train.log_every=2", "train.eval_every=20",
+    "train.checkpoint_every=4", "train.steps_per_call=1", "train.async_checkpoints=True",
+    "train.eval_batch_size=200", "train.eval_splits=()", "optim.warmup_steps=0",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess plumbing
+
+
+class TrainProcess:
+    """A helper training process whose `MARK` lines can be awaited."""
+
+    def __init__(self, workdir: Path, overrides: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HELPER), str(workdir), *overrides], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, prefix: str, timeout: float = 240) -> str:
+        """Blocks until a line starting with `prefix` appears; fails if the process ends first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                self.kill()
+                pytest.fail(f"timed out waiting for {prefix!r}:\n" + "\n".join(self.lines[-30:]))
+            if line is None:
+                self.proc.wait()
+                pytest.fail(f"process ended (rc {self.proc.returncode}) before {prefix!r}:\n"
+                            + "\n".join(self.lines[-30:]))
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def kill(self) -> None:
+        """SIGKILL: no handler, no cleanup, no flush."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def marks(self, event: str) -> list[int]:
+        return [int(x.split()[2]) for x in self.lines if x.startswith(f"MARK {event} ")
+                and x.split()[2].isdigit()]
+
+
+def subprocess_env(cache: Path, devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a helper process: `devices` simulated CPU devices, a compile cache."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["RESNET_JAX_TEST_CACHE"] = str(cache)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def committed_steps(ckpt_dir: Path) -> list[int]:
+    """Steps whose directory Orbax has committed (renamed from its temporary name)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+
+
+def tmp_dirs(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.iterdir() if "tmp" in p.name) if ckpt_dir.is_dir() \
+        else []
+
+
+def assert_trees_equal(a, b) -> None:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert len(la) > 10
+    for x, y in zip(la, lb, strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Crash safety
+
+
+def test_sigkill_at_five_points_resumes_bitwise_exact(tmp_path):
+    """Kills a run 5 times (async save in flight, commit pending, between steps, in a step, during
+    restore); each restart resumes from the newest complete checkpoint, and the final state is
+    bitwise equal to an uninterrupted run's."""
+    cache = tmp_path / "xla_cache"
+    env = subprocess_env(cache, KILL_DEVICES)
+    # The uninterrupted reference runs alongside the killed one (two processes share the CPUs).
+    ref = TrainProcess(tmp_path / "reference", KILL_RUN, env)
+
+    workdir = tmp_path / "killed"
+    ckpts = workdir / "checkpoints"
+    history = []  # (where, newest complete step when it was killed)
+
+    def restart(**extra: str) -> TrainProcess:
+        return TrainProcess(workdir, KILL_RUN, subprocess_env(cache, KILL_DEVICES, **extra))
+
+    def resumes_from_last_complete(p: TrainProcess) -> None:
+        start = int(p.wait_for("MARK start").split()[2])
+        assert start == (history[-1][1] or 0 if history else 0), (history, p.lines[-20:])
+
+    def killed(p: TrainProcess, where: str) -> None:
+        p.kill()
+        history.append((where, max(committed_steps(ckpts), default=None)))
+
+    # (1) During an async write: the save of step 4 has just started in the background.
+    p = restart()
+    resumes_from_last_complete(p)
+    p.wait_for("MARK saving 4")
+    killed(p, "async write of step 4")
+
+    # (2) During the commit: step 8's files are written, Orbax has not renamed its directory.
+    p = restart(RESNET_JAX_TEST_FINALIZE_DELAY="8:60")
+    resumes_from_last_complete(p)
+    p.wait_for("MARK finalizing 8")
+    pending = tmp_dirs(ckpts)
+    killed(p, "commit of step 8")
+    assert any(name.startswith("8.") for name in pending), pending
+    assert history[-1][1] == 4  # the half-saved step 8 is not listed: restart from 4
+
+    # (3) Between steps: the process sleeps after logging step 10.
+    p = restart(RESNET_JAX_TEST_LOG_PAUSE="60")
+    resumes_from_last_complete(p)
+    p.wait_for("MARK logged 10")
+    killed(p, "between steps 10 and 11")
+
+    # (4) During a step: steps 15-16 are being computed.
+    p = restart()
+    resumes_from_last_complete(p)
+    assert not any(n.startswith("8.") for n in tmp_dirs(ckpts))  # leftovers removed on restart
+    p.wait_for("MARK logged 14")
+    time.sleep(0.05)
+    killed(p, "inside step 15")
+    assert history[-1][1] >= 8
+
+    # (5) During the restore of the newest checkpoint (reading must not damage it).
+    p = restart()
+    line = p.wait_for("MARK restoring")
+    assert int(line.split()[2]) == history[-1][1]
+    killed(p, "during restore")
+
+    p = restart()
+    resumes_from_last_complete(p)
+    p.wait_for("MARK done 20")
+    assert p.proc.wait() == 0
+    assert len(history) == 5
+    assert committed_steps(ckpts)[-1] == 20 and not tmp_dirs(ckpts)
+    assert (ckpts / "20" / MANIFEST).is_file() and verify_manifest(ckpts / "20") is None
+    ref.wait_for("MARK done 20")
+    assert ref.proc.wait() == 0
+
+    reference = restore_run(tmp_path / "reference")[2]
+    resumed = restore_run(workdir)[2]
+    assert int(resumed.step) == int(reference.step) == 20
+    assert_trees_equal(resumed, reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Corrupted and partial checkpoints
+
+
+def _copy_run(tiny_run, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run[0], dst)
+    return dst
+
+
+def _target(sample_dataset):
+    """An abstract, replicated train state of the tiny config (what a restore fills in)."""
+    config = tiny_config()
+    t = config.train
+    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
+    replicated = NamedSharding(make_mesh(), P())
+    shapes = jax.eval_shape(lambda: init_state(config, sample_dataset.spec, tx))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        shapes)
+
+
+def _largest_file(step_dir: Path) -> Path:
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+DAMAGE = {
+    "truncated array file": (lambda d: _truncate(_largest_file(d)), "truncated"),
+    "missing metadata": (lambda d: (d / "default" / "_METADATA").unlink(), "missing"),
+    # Without our manifest (e.g. written by an older version), Orbax's own read must catch it.
+    "truncated, no manifest": (
+        lambda d: ((d / MANIFEST).unlink(), _truncate(_largest_file(d))), "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_falls_back_with_a_warning(tiny_run, sample_dataset, tmp_path, caplog,
+                                                      damage):
+    run = _copy_run(tiny_run, tmp_path)
+    ckpts = run / "checkpoints"
+    target = _target(sample_dataset)
+    good10 = Checkpointer(ckpts, read_only=True)
+    expected = good10.restore(target, 10)
+    good10.close()
+    assert verify_manifest(ckpts / "20") is None
+    breaker, words = DAMAGE[damage]
+    breaker(ckpts / "20")
+
+    ckpt = Checkpointer(ckpts)
+    with caplog.at_level(logging.WARNING, logger="resnet_jax.train.checkpoint"):
+        state = ckpt.restore(target)
+    ckpt.close()
+    assert int(state.step) == 10
+    assert_trees_equal(state, expected)
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{ckpts / '20'} is unusable" in warning and words in warning
+    # Moved aside, so the resumed run can write step 20 again; the evidence is kept.
+    assert committed_steps(ckpts) == [10]
+    assert len(list((run / "checkpoints.corrupt").iterdir())) == 1
+
+
+def test_no_good_checkpoint_fails_clearly(tiny_run, tmp_path, capsys):
+    run = _copy_run(tiny_run, tmp_path)
+    for step in (10, 20):
+        _truncate(_largest_file(run / "checkpoints" / str(step)))
+    rc = main(["train", "--workdir", str(run), "--allow-config-change",
+               "--config.train.batch_size=32", "--config.train.eval_batch_size=200"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: No usable checkpoint in ")
+    assert "checkpoints/10 is unusable" in err and "checkpoints/20 is unusable" in err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Divergence
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_run, sample_dataset, tmp_path):
+    run = _copy_run(tiny_run, tmp_path)
+    ckpts = run / "checkpoints"
+    target = _target(sample_dataset)
+    reader = Checkpointer(ckpts, read_only=True)
+    before = reader.restore(target, 20)
+    reader.close()
+    # NaN normalisation statistics: every step from 21 on has a non-finite loss.
+    stats = sample_dataset.stats
+    poisoned = dataclasses.replace(
+        sample_dataset, stats=NormStats(stats.mean, np.full_like(stats.std, np.nan)))
+    config = tiny_config(num_steps=40, max_consecutive_nonfinite=3)
+    with pytest.raises(DivergenceError) as info:
+        train_and_evaluate(config, run, dataset=poisoned, interactive=False,
+                           allow_config_change=True)
+    msg = str(info.value)
+    # Checked at the log step 25 (log_every=5): steps 21..25 were all bad and skipped.
+    assert "diverged at step 21" in msg and "21..25" in msg
+    assert f"last good checkpoint is step 20 in {ckpts}" in msg
+    assert committed_steps(ckpts) == [10, 20]
+    reader = Checkpointer(ckpts, read_only=True)
+    after = reader.restore(target, 20)
+    reader.close()
+    assert_trees_equal(after, before)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(after.params))
+
+
+def test_checkpointer_refuses_non_finite_parameters(tiny_run, sample_dataset, tmp_path):
+    ckpts = _copy_run(tiny_run, tmp_path) / "checkpoints"
+    ckpt = Checkpointer(ckpts, async_save=False)
+    state = ckpt.restore(_target(sample_dataset))
+    bad = state.replace(step=state.step + 10,
+                        params=jax.tree.map(lambda x: x * np.nan, state.params))
+    with pytest.raises(CheckpointError, match="Refusing to save step 30.*not finite.*20"):
+        ckpt.save(bad)
+    ckpt.close()
+    assert committed_steps(ckpts) == [10, 20]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Disk full, directory gone
+
+
+def test_disk_full_during_async_save_fails_loudly_and_keeps_previous(tiny_run, sample_dataset,
+                                                                     tmp_path, monkeypatch):
+    from orbax.checkpoint._src.path import async_path
+
+    ckpts = _copy_run(tiny_run, tmp_path) / "checkpoints"
+    target = _target(sample_dataset)
+    ckpt = Checkpointer(ckpts, async_save=True)
+    state = ckpt.restore(target)
+    write_text = async_path.write_text
+
+    async def full_disk(path, text, *args, **kwargs):
+        # The commit marker is the last file Orbax writes before renaming the step directory.
+        if "commit_success" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return await write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(async_path, "write_text", full_disk)
+    ckpt.save(state.replace(step=state.step + 10))  # returns at once: the write is async
+    with pytest.raises(CheckpointError) as info:
+        ckpt.wait()
+    monkeypatch.undo()
+    ckpt.close()
+    msg = str(info.value)
+    assert "step 30" in msg and "disk is full" in msg and "(step 20) is kept" in msg
+    assert committed_steps(ckpts) == [10, 20]
+    reader = Checkpointer(ckpts, read_only=True)
+    restored = reader.restore(target)
+    reader.close()
+    assert int(restored.step) == 20
+    assert_trees_equal(restored, state)
+
+
+def test_vanished_checkpoint_directory_fails_loudly(tiny_run, sample_dataset, tmp_path):
+    ckpts = _copy_run(tiny_run, tmp_path) / "checkpoints"
+    target = _target(sample_dataset)
+    ckpt = Checkpointer(ckpts)
+    state = ckpt.restore(target)
+    moved = tmp_path / "unmounted"
+    ckpts.rename(moved)  # the disk goes away mid-run
+    with pytest.raises(CheckpointError, match=f"{ckpts} has disappeared"):
+        ckpt.save(state.replace(step=state.step + 10))
+    ckpt.close()
+    assert not ckpts.exists()  # not silently recreated (with none of the earlier steps)
+    moved.rename(ckpts)
+    reader = Checkpointer(ckpts, read_only=True)
+    assert int(reader.restore(target).step) == 20
+    reader.close()
