@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
             "zero_init_last_bn": False,
             "bn_momentum": 0.9,
             "bn_epsilon": 1e-5,
+            "bn_group_size": 0,  # 0: BN statistics over the global batch; 64: the paper's per-GPU
             "scan_blocks": False,  # one scanned block per stage: compile time flat in depth
             "remat": False,
         }
@@ -206,6 +207,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(m.shortcut in ("", *SHORTCUTS), "model.shortcut", m.shortcut,
            f"choose one of {('', *SHORTCUTS)} ('' = the family's default)")
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {DTYPES}")
+    g = m.bn_group_size
+    _check(isinstance(g, int) and g >= 0 and (g == 0 or config.train.batch_size % g == 0),
+           "model.bn_group_size", g,
+           f"must be 0 (global BN) or divide train.batch_size={config.train.batch_size}")
     from resnet_jax.models.registry import (
         CIFAR_FAMILIES,
         IMAGENET_STAGE_SIZES,

@@ -164,3 +164,23 @@ def test_registry_resolves_names():
     assert models.parse_name("plain110") == ("cifar_plain", 110)
     assert models.parse_name("preact_resnet164") == ("cifar_preact_bottleneck", 164)
     assert models.parse_name("preact_resnet110") == ("cifar_preact", 110)
+
+
+def test_ghost_batchnorm_normalises_each_group():
+    from resnet_jax.models import GhostBatchNorm
+
+    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 2 + 5
+    x = x.at[4:].add(10.0)  # the two halves have different statistics
+    full = GhostBatchNorm(3, group_size=8, rngs=nnx.Rngs(0))
+    reference = nnx.BatchNorm(3, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(full(x), reference(x), atol=1e-4)
+    np.testing.assert_allclose(full.mean[...], reference.mean[...], atol=1e-4)
+    ghost = GhostBatchNorm(3, group_size=4, rngs=nnx.Rngs(0))
+    y = ghost(x)
+    for half in (y[:4], y[4:]):  # each group is normalised by its own statistics
+        np.testing.assert_allclose(half.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+        np.testing.assert_allclose(half.std(axis=(0, 1, 2)), 1.0, atol=1e-3)
+    np.testing.assert_allclose(ghost.mean[...], 0.1 * x.mean(axis=(0, 1, 2)), atol=1e-4)
+    model = models.create("resnet8", bn_group_size=4)
+    assert isinstance(model.stages[0].first.bn1, GhostBatchNorm)
+    assert count_params(model) == count_params(models.create("resnet8"))

@@ -7,6 +7,7 @@ from resnet_jax.models.blocks import (
     PreActBasicBlock,
     PreActBottleneckBlock,
 )
+from resnet_jax.models.ghost_norm import GhostBatchNorm
 from resnet_jax.models.layers import LayerFactory, option_a_shortcut
 from resnet_jax.models.registry import (
     FAMILIES,
@@ -23,6 +24,7 @@ __all__ = [
     "SHORTCUTS",
     "BasicBlock",
     "BottleneckBlock",
+    "GhostBatchNorm",
     "LayerFactory",
     "PreActBasicBlock",
     "PreActBottleneckBlock",

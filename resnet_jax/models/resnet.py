@@ -8,6 +8,7 @@ identical in shape, so a stage can run them as one `nnx.scan` over stacked param
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resnet_jax.models.ghost_norm import GhostBatchNorm
 from resnet_jax.models.layers import LayerFactory
 
 
@@ -98,13 +100,18 @@ class ResNet(nnx.Module):
         bn_momentum: float = 0.9,
         bn_epsilon: float = 1e-5,
         zero_init_last_bn: bool = False,
+        bn_group_size: int = 0,
         scan_blocks: bool = False,
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem={stem!r} is not valid; choose 'cifar' or 'imagenet'.")
-        layers = LayerFactory(dtype=dtype, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
+        # bn_group_size > 0: "ghost" BN, statistics per group of that many examples.
+        norm_cls = (functools.partial(GhostBatchNorm, group_size=bn_group_size)
+                    if bn_group_size else nnx.BatchNorm)
+        layers = LayerFactory(dtype=dtype, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+                              norm_cls=norm_cls)
         self.stem_kind = stem
         self.preact = preact
         self.dtype = dtype

@@ -54,6 +54,7 @@ def model_from_config(config: ml_collections.ConfigDict, spec: DataSpec,
         bn_momentum=m.bn_momentum,
         bn_epsilon=m.bn_epsilon,
         zero_init_last_bn=m.zero_init_last_bn,
+        bn_group_size=m.bn_group_size,
         scan_blocks=m.scan_blocks,
         remat=m.remat,
     )
