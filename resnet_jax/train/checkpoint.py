@@ -119,6 +119,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._unverified: list[int] = []  # saved by us, manifest not yet written
+        self._skipped: set[int] = set()  # unreadable steps that restore() walked past
         self._in_flight: int | None = None
 
     def _fail(self, step: int | None, e: BaseException) -> CheckpointError:
@@ -176,6 +177,10 @@ class Checkpointer:
                 f"checkpoint ({self.latest_step()}) is kept."
             )
         self._check_directory(step)
+        if step in self._skipped:
+            # Saving over a step that failed to read: keep the old one as evidence, elsewhere.
+            self._skipped.discard(step)
+            self._quarantine(step)
         metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
         previous = self._in_flight
         try:
@@ -252,7 +257,8 @@ class Checkpointer:
         for s in candidates:
             step_dir = self.directory / str(s)
             problem = verify_manifest(step_dir)
-            if problem is None:
+            corrupt = problem is not None
+            if not corrupt:
                 try:
                     restored = self.manager.restore(s, args=ocp.args.StandardRestore(abstract))
                     return TrainState(**restored)
@@ -262,7 +268,11 @@ class Checkpointer:
             errors.append(msg)
             if step is not None:
                 break
-            moved = self._quarantine(s)
+            # Proven corrupt: move it aside now. A read failure may also mean a config that no
+            # longer matches (--allow-config-change), so it stays until that step is saved again.
+            moved = self._quarantine(s) if corrupt else None
+            if not corrupt:
+                self._skipped.add(s)
             where = f" (moved to {moved})" if moved else ""
             log.warning("%s%s; falling back to the previous checkpoint.", msg, where)
         if not candidates:
