@@ -1,0 +1,122 @@
+"""The PyTorch twin of resnet_jax's CIFAR ResNet (He et al. 2015 sec. 4.2, option A shortcuts).
+
+Same architecture, same parameter counts (asserted: 269,722 / 853,018 / 1,727,962 for ResNet-20 /
+56 / 110), same step (cross-entropy + 1e-4 weight decay on kernels via SGD momentum 0.9, BN in
+train mode). Used only by the benchmark's `--vs-torch`; never imported by the library.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPECTED_PARAMS = {20: 269_722, 56: 853_018, 110: 1_727_962}
+
+
+class OptionA(nn.Module):
+    """Identity shortcut, strided subsampling, zero-padded channels (no parameters)."""
+
+    def __init__(self, out_features: int, stride: int):
+        super().__init__()
+        self.out_features, self.stride = out_features, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Subsample and pad channels (dim 1 in NCHW)."""
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        extra = self.out_features - x.shape[1]
+        return F.pad(x, (0, 0, 0, 0, 0, extra)) if extra > 0 else x
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN, plus shortcut, then ReLU."""
+
+    def __init__(self, in_f: int, out_f: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_f, out_f, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_f)
+        self.conv2 = nn.Conv2d(out_f, out_f, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_f)
+        self.shortcut = OptionA(out_f, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual block."""
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs: 16/32/64 widths, global average pool, linear classifier."""
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        n, rem = divmod(depth - 2, 6)
+        assert rem == 0 and n >= 1, depth
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        blocks, in_f = [], 16
+        for i, width in enumerate((16, 32, 64)):
+            for j in range(n):
+                blocks.append(BasicBlock(in_f, width, 2 if (i > 0 and j == 0) else 1))
+                in_f = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.blocks(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def num_params(model: nn.Module) -> int:
+    """Trainable parameter count."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class TorchTrainer:
+    """A ready-to-time train step and eval step of the twin at one batch size (random data)."""
+
+    def __init__(self, depth: int, batch_size: int, *, channels_last: bool = False, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = CifarResNet(depth)
+        if depth in EXPECTED_PARAMS:
+            assert num_params(self.model) == EXPECTED_PARAMS[depth], num_params(self.model)
+        # Weight decay on kernels only, as in the JAX step (BN scale/bias and the fc bias excluded).
+        decay = [p for n, p in self.model.named_parameters() if p.ndim > 1]
+        rest = [p for n, p in self.model.named_parameters() if p.ndim <= 1]
+        self.opt = torch.optim.SGD(
+            [{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}],
+            lr=0.1, momentum=0.9,
+        )
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=fmt)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch_size, 3, 32, 32, generator=g).to(memory_format=fmt)
+        self.y = torch.randint(0, 10, (batch_size,), generator=g)
+
+    def train_step(self) -> float:
+        """One SGD step in train mode; returns the loss."""
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        return float(loss)
+
+    @torch.no_grad()
+    def eval_step(self) -> float:
+        """One forward pass in eval mode; returns the loss."""
+        self.model.eval()
+        return float(F.cross_entropy(self.model(self.x), self.y))
+
+
+if __name__ == "__main__":
+    for d, expected in EXPECTED_PARAMS.items():
+        assert num_params(CifarResNet(d)) == expected
+        print(f"resnet{d}: {expected:,} parameters")

@@ -1,0 +1,129 @@
+"""`resnet-jax bench` / `scripts/bench.py`: command line, table, JSON.
+
+`main` configures XLA's CPU backend (resnet_jax.platform.configure_cpu) *before* importing jax,
+so call it before anything in the process has run a jax computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _csv(s: str) -> list[str]:
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The bench's flags."""
+    ap = argparse.ArgumentParser(
+        prog="resnet-jax bench",
+        description="Time train/eval steps (compile, step time, img/s, FLOPs, memory), "
+        "optionally against the PyTorch twin in the same process.",
+    )
+    ap.add_argument("--models", type=_csv, default=["resnet20", "resnet56"])
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--dtypes", type=_csv, default=["float32"], help="float32,bfloat16")
+    ap.add_argument("--vs-torch", action="store_true",
+                    help="interleave windows of the PyTorch twin (benchmarks/torch_resnet.py)")
+    ap.add_argument("--json", default=None, help="write the full report here")
+    ap.add_argument("--compile-only-models", type=_csv, default=[],
+                    help="models whose train step is only compiled (e.g. resnet110,resnet1202)")
+    ap.add_argument("--run-compile-only", action="store_true",
+                    help="also run compile-only models for two steps (proves they fit in memory)")
+    ap.add_argument("--windows", type=int, default=5, help="timed windows per step kind")
+    ap.add_argument("--train-steps", type=int, default=5, help="train steps per window")
+    ap.add_argument("--eval-steps", type=int, default=10, help="eval steps per window")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the windows")
+    ap.add_argument("--data-steps", type=int, default=50, help="data-pipeline steps per window")
+    ap.add_argument("--scan-blocks", action="store_true",
+                    help="time scanned stages (default unrolled; compile-only models always scan)")
+    ap.add_argument("--remat", choices=("auto", "on", "off"), default="auto",
+                    help="rematerialise each block in the backward pass (auto: depth > 110)")
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="simulated host devices on CPU (default: resnet_jax.platform's choice)")
+    ap.add_argument("--no-cpu-flags", action="store_true",
+                    help="leave XLA_FLAGS as they are (measure XLA's defaults)")
+    return ap.parse_args(argv)
+
+
+def _fmt(x: Any, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_report(report: dict) -> str:
+    """The human-readable tables of a report from `resnet_jax.bench.runner.run`."""
+    peak = report["matmul_peak_flops"]
+    lines = [
+        f"backend {report['backend']}, {len(report['devices'])} device(s), "
+        f"{report['cpu_count']} CPU(s), jax {report['jax']}",
+        f"XLA_FLAGS: {report['xla_flags'] or '(none)'}",
+        f"float32 matmul peak (2048^2, same run): {peak / 1e9:.1f} GFLOP/s",
+        "",
+    ]
+    head = (f"{'model':<10} {'dtype':<8} {'step':<5} {'compile s':>9} {'ms/step [min-max]':>22} "
+            f"{'img/s':>7} {'GFLOP':>6} {'GFLOP/s':>7} {'%peak':>5} {'torch img/s':>11} "
+            f"{'ours/torch [min-max]':>21} {'host MiB':>8}")
+    lines += [head, "-" * len(head)]
+    for r in report["rows"]:
+        ms = (f"{r['step_s_median'] * 1e3:.1f} [{r['step_s_min'] * 1e3:.0f}-"
+              f"{r['step_s_max'] * 1e3:.0f}]")
+        t = r.get("torch")
+        ratio = (f"{r['ratio_vs_torch']:.2f} [{r['ratio_vs_torch_min']:.2f}-"
+                 f"{r['ratio_vs_torch_max']:.2f}]" if t else "-")
+        flops = r.get("flops_per_step")
+        frac = r.get("fraction_of_matmul_peak")
+        lines.append(
+            f"{r['model']:<10} {r['dtype']:<8} {r['step']:<5} {r['trace_and_compile_s']:>9.1f} "
+            f"{ms:>22} {r['images_per_s']:>7.1f} {_fmt(flops and flops / 1e9):>6} "
+            f"{_fmt(r.get('achieved_flops') and r['achieved_flops'] / 1e9):>7} "
+            f"{_fmt(frac and 100 * frac, '.0f'):>5} {_fmt(t and t['images_per_s']):>11} "
+            f"{ratio:>21} {r['peak_host_memory_bytes'] / 2**20:>8.0f}"
+        )
+    d = report["data_pipeline"]
+    lines += ["", f"data pipeline only (gather+normalise+crop+flip, batch {d['batch_size']}): "
+              f"{d['images_per_s']:.0f} img/s = {_fmt(d['ratio_vs_best_train'])}x the fastest "
+              "train step above (needs >= 10x)"]
+    compile_rows = report["compile_only"]
+    if compile_rows:
+        base = compile_rows[0]["trace_and_compile_s"]
+        lines += ["", "train step compile time, scanned stages (f32):",
+                  f"{'model':<20} {'trace s':>7} {'compile s':>9} {'total s':>7} "
+                  f"{'x first':>7} {'remat':>5} {'XLA temp MiB/dev':>16} {'1 step s':>8}"]
+        for r in compile_rows:
+            mem = r.get("xla_memory_per_device") or {}
+            temp = mem.get("temp_size_in_bytes")
+            lines.append(
+                f"{r['model']:<20} {r['lower_s']:>7.1f} {r['compile_s']:>9.1f} "
+                f"{r['trace_and_compile_s']:>7.1f} {r['trace_and_compile_s'] / base:>7.2f} "
+                f"{str(r['remat']):>5} {_fmt(temp and temp / 2**20, '.0f'):>16} "
+                f"{_fmt(r.get('one_step_s')):>8}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `resnet-jax bench`; returns the process exit status."""
+    args = parse_args(argv)
+    if not args.no_cpu_flags:
+        from resnet_jax.platform import configure_cpu
+
+        configure_cpu(args.cpu_devices)
+    from resnet_jax.bench.runner import BenchConfig, run
+
+    cfg = BenchConfig(
+        models=args.models, compile_only_models=args.compile_only_models,
+        batch_size=args.batch_size, dtypes=args.dtypes, vs_torch=args.vs_torch,
+        windows=args.windows, train_steps=args.train_steps, eval_steps=args.eval_steps,
+        warmup=args.warmup, scan_blocks=args.scan_blocks, remat=args.remat,
+        data_steps=args.data_steps, run_compile_only=args.run_compile_only,
+    )
+    report = run(cfg)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,258 @@
+"""The benchmark proper: compile, time (interleaved with the PyTorch twin), analyse, report.
+
+Import this only after `resnet_jax.platform.configure_cpu` has run (it imports jax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax.bench import measure
+from resnet_jax.bench.step import build_state, make_eval_step, make_mesh, make_train_step
+from resnet_jax.models import parse_name
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """What to measure; see `resnet_jax.bench.cli` for the command-line flags."""
+
+    models: list[str]
+    compile_only_models: list[str]
+    batch_size: int = 128
+    dtypes: list[str] = dataclasses.field(default_factory=lambda: ["float32"])
+    vs_torch: bool = False
+    windows: int = 5
+    train_steps: int = 5
+    eval_steps: int = 10
+    warmup: int = 2
+    # Timed models run unrolled stages: on XLA:CPU a scanned stage currently runs far slower
+    # (docs/performance.md). Compile-only models are always scanned (flat compile time).
+    scan_blocks: bool = False
+    remat: str = "auto"  # "auto": remat for depth > 110 (memory), "on", "off"
+    data_steps: int = 50
+    run_compile_only: bool = False
+
+
+def _depth(name: str) -> int:
+    return parse_name(name)[1]
+
+
+def _remat(cfg: BenchConfig, name: str) -> bool:
+    return cfg.remat == "on" or (cfg.remat == "auto" and _depth(name) > 110)
+
+
+def _batch(mesh, batch_size: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    rng = np.random.RandomState(seed)
+    x = jnp.asarray(rng.randn(batch_size, 32, 32, 3), jnp.float32)
+    y = jnp.asarray(rng.randint(0, 10, batch_size), jnp.int32)
+    if mesh is not None:
+        x, y = jax.device_put((x, y), NamedSharding(mesh, P("data")))
+    return x, y
+
+
+def _torch_trainer(name: str, batch_size: int):
+    """The PyTorch twin from benchmarks/torch_resnet.py (a file of the repo, not the library)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_resnet.py"
+    if not path.exists():
+        raise FileNotFoundError(f"--vs-torch needs {path} (run from a source checkout)")
+    spec = importlib.util.spec_from_file_location("_torch_resnet_twin", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.TorchTrainer(_depth(name), batch_size)
+
+
+class _Compiled:
+    """A jitted step lowered and compiled once, with the time each phase took."""
+
+    def __init__(self, jitted, *args):
+        t = time.perf_counter()
+        lowered = jitted.lower(*args)
+        self.lower_s = time.perf_counter() - t
+        t = time.perf_counter()
+        self.fn = lowered.compile()
+        self.compile_s = time.perf_counter() - t
+        self.total_s = self.lower_s + self.compile_s
+
+
+def _analysis(compiled: _Compiled, n_devices: int) -> dict[str, Any]:
+    flops = measure.cost_flops(compiled.fn)
+    return {
+        "lower_s": compiled.lower_s,
+        "compile_s": compiled.compile_s,
+        "trace_and_compile_s": compiled.total_s,
+        # Cost analysis describes one device's share of the SPMD program.
+        "flops_per_step": flops * n_devices if flops else None,
+        "xla_memory_per_device": measure.memory_analysis(compiled.fn),
+    }
+
+
+def bench_model(cfg: BenchConfig, name: str, dtype: str, mesh, peak: float) -> list[dict]:
+    """Train and eval rows of one (model, dtype), PyTorch windows interleaved when asked."""
+    n_dev = 1 if mesh is None else mesh.size
+    remat = _remat(cfg, name)
+    state = build_state(name, dtype=DTYPES[dtype], scan_blocks=cfg.scan_blocks, remat=remat,
+                        mesh=mesh)
+    x, y = _batch(mesh, cfg.batch_size)
+    train = _Compiled(make_train_step(state, mesh=mesh), state.params, state.batch_stats,
+                      state.opt_state, x, y)
+    evals = _Compiled(make_eval_step(state, mesh=mesh), state.params, state.batch_stats, x, y)
+    torch = _torch_trainer(name, cfg.batch_size) if cfg.vs_torch and dtype == "float32" else None
+
+    carry = [state.params, state.batch_stats, state.opt_state]
+
+    def train_once():
+        p, s, o, loss = train.fn(*carry, x, y)
+        carry[:] = [p, s, o]
+        return loss
+
+    def eval_once():
+        return evals.fn(carry[0], carry[1], x, y)
+
+    rows = []
+    for kind, run, steps, torch_run in (
+        ("train", train_once, cfg.train_steps, torch and torch.train_step),
+        ("eval", eval_once, cfg.eval_steps, torch and torch.eval_step),
+    ):
+        measure.time_window(run, cfg.warmup)
+        if torch_run:
+            for _ in range(cfg.warmup):
+                torch_run()
+        ours, theirs = [], []
+        # Alternate windows so that load from other processes hits both frameworks alike.
+        for _ in range(cfg.windows):
+            ours.append(measure.time_window(run, steps))
+            if torch_run:
+                t = time.perf_counter()
+                for _ in range(steps):
+                    torch_run()
+                theirs.append((time.perf_counter() - t) / steps)
+        compiled = train if kind == "train" else evals
+        row = {"model": name, "dtype": dtype, "step": kind, "batch_size": cfg.batch_size,
+               "devices": n_dev, "scan_blocks": cfg.scan_blocks, "remat": remat,
+               **measure.summarize(ours, cfg.batch_size), **_analysis(compiled, n_dev),
+               "step_s_windows": ours}
+        if row["flops_per_step"]:
+            row["achieved_flops"] = row["flops_per_step"] / row["step_s_median"]
+            row["fraction_of_matmul_peak"] = row["achieved_flops"] / peak
+        if theirs:
+            t = measure.summarize(theirs, cfg.batch_size)
+            ratios = [b / a for a, b in zip(ours, theirs, strict=True)]  # ours/torch throughput
+            row["torch"] = {**t, "step_s_windows": theirs}
+            row["ratio_vs_torch"] = float(np.median(ratios))
+            row["ratio_vs_torch_min"], row["ratio_vs_torch_max"] = min(ratios), max(ratios)
+        row["peak_host_memory_bytes"] = measure.peak_host_memory_bytes()
+        row["device_peak_memory_bytes"] = measure.device_peak_memory_bytes()
+        rows.append(row)
+    return rows
+
+
+def bench_compile_only(cfg: BenchConfig, name: str, mesh) -> dict:
+    """Compile time (and static memory) of a deep model's float32 train step; optionally one run."""
+    n_dev = 1 if mesh is None else mesh.size
+    remat = _remat(cfg, name)
+    t = time.perf_counter()
+    state = build_state(name, scan_blocks=True, remat=remat, mesh=mesh)
+    init_s = time.perf_counter() - t
+    x, y = _batch(mesh, cfg.batch_size)
+    train = _Compiled(make_train_step(state, mesh=mesh), state.params, state.batch_stats,
+                      state.opt_state, x, y)
+    row = {"model": name, "dtype": "float32", "step": "train", "batch_size": cfg.batch_size,
+           "devices": n_dev, "scan_blocks": True, "remat": remat, "init_s": init_s,
+           **_analysis(train, n_dev)}
+    if cfg.run_compile_only:
+        out = train.fn(state.params, state.batch_stats, state.opt_state, x, y)
+        jax.block_until_ready(out)  # Proves the step fits in memory at this batch size.
+        t = time.perf_counter()
+        jax.block_until_ready(train.fn(*out[:3], x, y))
+        row["one_step_s"] = time.perf_counter() - t
+    row["peak_host_memory_bytes"] = measure.peak_host_memory_bytes()
+    return row
+
+
+def bench_data(cfg: BenchConfig, mesh, num_images: int = 10_000) -> dict:
+    """images/s of the on-device input pipeline alone (gather, normalise, crop, flip)."""
+    from resnet_jax.data import AugmentConfig, data_sharding, train_batch
+    from resnet_jax.data.preprocess import NormStats
+
+    rng = np.random.RandomState(0)
+    images = jnp.asarray(rng.randint(0, 256, (num_images, 32, 32, 3), np.uint8))
+    labels = jnp.asarray(rng.randint(0, 10, num_images), jnp.int32)
+    stats = NormStats(np.full((32, 32, 3), 120.0, np.float32), np.full((3,), 64.0, np.float32))
+    if mesh is not None:
+        images, labels = jax.device_put((images, labels), NamedSharding(mesh, P()))
+    out_sharding = data_sharding(mesh) if mesh is not None else None
+    aug = AugmentConfig()
+    key = jax.random.key(0)
+
+    @jax.jit
+    def data_step(step):
+        return train_batch(images, labels, stats, key, step, batch_size=cfg.batch_size, aug=aug,
+                           out_sharding=out_sharding)
+
+    counter = [0]
+
+    def run():
+        counter[0] += 1
+        return data_step(jnp.int32(counter[0]))
+
+    measure.time_window(run, 3)
+    times = [measure.time_window(run, cfg.data_steps) for _ in range(cfg.windows)]
+    return {"batch_size": cfg.batch_size, **measure.summarize(times, cfg.batch_size)}
+
+
+def run(cfg: BenchConfig) -> dict:
+    """Runs everything in `cfg` and returns the report (also what `--json` writes)."""
+    mesh = make_mesh()
+    if mesh is not None and cfg.batch_size % mesh.size:
+        raise ValueError(f"--batch-size {cfg.batch_size} must divide by {mesh.size} devices")
+    peaks = [measure.matmul_peak_flops()]
+    rows = []
+    for name in cfg.models:
+        for dtype in cfg.dtypes:
+            print(f"[bench] {name} {dtype} ...", file=sys.stderr, flush=True)
+            rows.extend(bench_model(cfg, name, dtype, mesh, max(peaks)))
+    peaks.append(measure.matmul_peak_flops())
+    print("[bench] data pipeline ...", file=sys.stderr, flush=True)
+    data = bench_data(cfg, mesh)
+    compile_rows = []
+    # The reference for "flat in depth": the shallowest net compiled the same (scanned) way.
+    compile_models = list(cfg.compile_only_models)
+    if compile_models and "resnet20" not in compile_models:
+        compile_models.insert(0, "resnet20")
+    for name in compile_models:
+        print(f"[bench] compile {name} ...", file=sys.stderr, flush=True)
+        compile_rows.append(bench_compile_only(cfg, name, mesh))
+    best_train = max((r["images_per_s"] for r in rows if r["step"] == "train"), default=None)
+    data["ratio_vs_best_train"] = data["images_per_s"] / best_train if best_train else None
+    import os
+
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "matmul_peak_flops": max(peaks),
+        "matmul_peak_flops_samples": peaks,
+        "config": dataclasses.asdict(cfg),
+        "rows": rows,
+        "compile_only": compile_rows,
+        "data_pipeline": data,
+    }

@@ -1,0 +1,11 @@
+"""Thin launcher for the benchmark: `python scripts/bench.py --models resnet20 --vs-torch`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from resnet_jax.bench.cli import main  # noqa: E402  (configure_cpu runs inside main, pre-jax)
+
+if __name__ == "__main__":
+    sys.exit(main())
