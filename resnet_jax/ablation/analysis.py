@@ -44,14 +44,52 @@ def _check_unrolled(config) -> None:
                          "model.scan_blocks=True")
 
 
-def _restore(workdir: str | Path, step: int | None = None):
-    """restore_run, with the state moved to one device: the analysis is small and runs unsharded
-    (one device compiles faster than an SPMD program over a multi-device mesh)."""
-    from resnet_jax.train import restore_run
+def load_run_config(workdir: str | Path):
+    """A run's config.json over today's `default_config()`, so keys added to the config after
+    the run was made (e.g. model.bn_group_size) take their defaults instead of failing."""
+    import json
 
-    config, ds, state, eval_def, _ = restore_run(workdir, step=step)
+    from resnet_jax.config import default_config
+
+    def merge(base, saved: dict) -> None:
+        for k, v in saved.items():
+            if k in base and hasattr(base[k], "items") and isinstance(v, dict):
+                merge(base[k], v)
+            else:
+                with base.ignore_type():
+                    base[k] = tuple(v) if isinstance(v, list) else v
+
+    config = default_config()
+    merge(config, json.loads((Path(workdir) / "config.json").read_text()))
+    return config
+
+
+def _restore(workdir: str | Path, step: int | None = None):
+    """(config, dataset, state, eval graphdef) of a run's checkpoint (default: the latest),
+    restored onto one device: the analysis is small, and one device compiles faster than an SPMD
+    program over a multi-device mesh. (Like `train.restore_run`, but tolerant of older configs.)"""
+    from jax.sharding import SingleDeviceSharding
+
+    from resnet_jax.data import load_dataset
+    from resnet_jax.train import init_state, make_optimizer
+    from resnet_jax.train.checkpoint import Checkpointer
+    from resnet_jax.train.state import graphdefs
+
+    config = load_run_config(workdir)
     _check_unrolled(config)
-    return config, ds, jax.device_put(state, jax.devices()[0]), eval_def
+    ds = load_dataset(config.data)
+    t = config.train
+    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
+    _, eval_def = graphdefs(config, ds.spec)
+    one = SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                          jax.eval_shape(lambda: init_state(config, ds.spec, tx)))
+    ckpt = Checkpointer(Path(workdir).absolute() / "checkpoints", read_only=True)
+    try:
+        state = ckpt.restore(target, step)
+    finally:
+        ckpt.close()
+    return config, ds, state, eval_def
 
 
 def analyse_run(workdir: str | Path, max_examples: int | None = None) -> dict:
