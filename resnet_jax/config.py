@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+import json
 import math
 import pkgutil
 from collections.abc import Sequence
@@ -184,6 +185,30 @@ def load_config(preset: str, overrides: Sequence[str] = ()) -> ml_collections.Co
     """A preset with command-line overrides applied, validated."""
     config = apply_overrides(get_preset(preset), overrides)
     validate(config)
+    return config
+
+
+def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """A run's saved config.json laid over today's `default_config()`.
+
+    Keys added to the config after the run was made (e.g. `model.bn_group_size`) take their
+    defaults, so old runs still restore and resume. Raises ConfigError if there is no config.json.
+    """
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{Path(workdir).absolute()} is not a run directory: it has no "
+                          "config.json.")
+
+    def merge(base: ml_collections.ConfigDict, saved: dict) -> None:
+        for k, v in saved.items():
+            if k in base and isinstance(base[k], ml_collections.ConfigDict) and isinstance(v, dict):
+                merge(base[k], v)
+            else:
+                with base.ignore_type():
+                    base[k] = tuple(v) if isinstance(v, list) else v
+
+    config = default_config()
+    merge(config, json.loads(path.read_text()))
     return config
 
 

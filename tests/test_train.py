@@ -200,3 +200,20 @@ def test_resume_refuses_a_different_config(tiny_run, sample_dataset):
     config.model.family = "cifar_plain"
     with pytest.raises(ConfigError, match="model.family"):
         train_and_evaluate(config, workdir, dataset=sample_dataset, interactive=False)
+
+
+def test_runs_saved_before_a_config_key_existed_still_restore_and_resume(tiny_run, tmp_path):
+    import shutil
+
+    from resnet_jax.train import restore_run
+    from resnet_jax.train.loop import check_resume_compatible
+
+    workdir, _ = tiny_run
+    old = tmp_path / "old_run"
+    shutil.copytree(workdir, old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["model"]["bn_group_size"]  # as written before the key was added
+    (old / "config.json").write_text(json.dumps(saved))
+    check_resume_compatible(old, tiny_config())  # no "changed config" error
+    config, _, state, _, _ = restore_run(old)
+    assert config.model.bn_group_size == 0 and int(state.step) == 20

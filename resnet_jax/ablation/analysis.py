@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from resnet_jax.config import load_run_config
 from resnet_jax.data import normalize
 
 RESPONSES = ("response1", "response2")
@@ -42,26 +43,6 @@ def _check_unrolled(config) -> None:
     if config.model.scan_blocks:
         raise ValueError("the layer analysis needs an unrolled model; this run has "
                          "model.scan_blocks=True")
-
-
-def load_run_config(workdir: str | Path):
-    """A run's config.json over today's `default_config()`, so keys added to the config after
-    the run was made (e.g. model.bn_group_size) take their defaults instead of failing."""
-    import json
-
-    from resnet_jax.config import default_config
-
-    def merge(base, saved: dict) -> None:
-        for k, v in saved.items():
-            if k in base and hasattr(base[k], "items") and isinstance(v, dict):
-                merge(base[k], v)
-            else:
-                with base.ignore_type():
-                    base[k] = tuple(v) if isinstance(v, list) else v
-
-    config = default_config()
-    merge(config, json.loads((Path(workdir) / "config.json").read_text()))
-    return config
 
 
 def _restore(workdir: str | Path, step: int | None = None):

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax.config import ConfigError, validate
+from resnet_jax.config import ConfigError, load_run_config, validate
 from resnet_jax.data import AugmentConfig, Dataset, load_dataset, replicate
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
@@ -82,10 +82,11 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 def check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError if `workdir` holds a run whose trajectory-defining config differs."""
-    path = workdir / "config.json"
-    if not path.exists():
+    if not (workdir / "config.json").exists():
         return
-    old, new = _flatten(json.loads(path.read_text())), _flatten(config_to_dict(config))
+    # Over today's defaults, so a key added since the run was made does not count as a change.
+    old = _flatten(config_to_dict(load_run_config(workdir)))
+    new = _flatten(config_to_dict(config))
     diffs = sorted(k for k in set(old) | set(new)
                    if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if diffs:
@@ -271,13 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 def restore_run(workdir: str | Path, step: int | None = None, best: bool = False):
     """Restores a finished or running run: returns (config, dataset, state, eval graphdef, mesh)."""
     workdir = Path(workdir).absolute()
-    path = workdir / "config.json"
-    if not path.exists():
-        raise ConfigError(f"{workdir} is not a run directory: it has no config.json.")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    for key in ("boundaries", "eval_splits"):
-        section = config.optim if key == "boundaries" else config.train
-        section[key] = tuple(section[key])
+    config = load_run_config(workdir)
     ds = load_dataset(config.data)
     mesh = make_mesh()
     t = config.train
