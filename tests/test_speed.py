@@ -1,0 +1,141 @@
+"""Speed features keep the maths: scanned stages equal unrolled ones; CPU flag plumbing."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from resnet_jax import models, platform
+
+
+def _build(scan_blocks: bool, remat: bool = False):
+    """(graphdef, state) of ResNet-20, initialised under jit (eager NNX init is slow)."""
+
+    def make():
+        return models.create("resnet20", scan_blocks=scan_blocks, remat=remat, seed=0)
+
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.split(make())[1])()
+    return graphdef, state
+
+
+def _stack_rest(unrolled: dict) -> dict:
+    """Unrolled pure-dict state -> scanned layout: each stage's `rest` blocks stacked on axis 0."""
+    out = dict(unrolled)
+    out["stages"] = {}
+    for i, stage in unrolled["stages"].items():
+        rest = [stage["rest"][j] for j in sorted(stage["rest"])]
+        out["stages"][i] = {**stage, "rest": jax.tree.map(lambda *xs: jnp.stack(xs), *rest)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def twins():
+    """The unrolled ResNet-20 and a scanned one holding exactly the same parameters."""
+    u_def, u_state = _build(scan_blocks=False)
+    s_def, s_state = _build(scan_blocks=True)
+    stacked = _stack_rest(nnx.to_pure_dict(u_state))
+    nnx.replace_by_pure_dict(s_state, stacked)
+    return (u_def, u_state), (s_def, s_state)
+
+
+def _loss_and_grads(graphdef, state, x, y, train: bool):
+    @jax.jit
+    def f(state):
+        params, rest = nnx.split_state(state, nnx.Param, ...)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            model.train() if train else model.eval()
+            logits = model(x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, aux, grads
+
+    return f(state)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_scanned_and_unrolled_stages_agree(twins, train):
+    (u_def, u_state), (s_def, s_state) = twins
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(4, 32, 32, 3), jnp.float32)
+    y = jnp.asarray(rng.randint(0, 10, 4), jnp.int32)
+    u_loss, (u_logits, u_stats), u_grads = _loss_and_grads(u_def, u_state, x, y, train)
+    s_loss, (s_logits, s_stats), s_grads = _loss_and_grads(s_def, s_state, x, y, train)
+    np.testing.assert_allclose(s_logits, u_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s_loss, u_loss, rtol=1e-5)
+    # Gradients (and, in train mode, the updated BN statistics) in the stacked layout.
+    for got, want in ((s_grads, u_grads), (s_stats, u_stats)):
+        want = _stack_rest(nnx.to_pure_dict(want))
+        got = nnx.to_pure_dict(got)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_remat_does_not_change_gradients(twins):
+    _, (s_def, s_state) = twins
+    r_def, _ = _build(scan_blocks=True, remat=True)
+    x = jnp.asarray(np.random.RandomState(1).randn(2, 32, 32, 3), jnp.float32)
+    y = jnp.arange(2, dtype=jnp.int32)
+    _, _, g = _loss_and_grads(s_def, s_state, x, y, True)
+    _, _, r = _loss_and_grads(r_def, s_state, x, y, True)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(r), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_configure_cpu_respects_user_flags_and_running_backend(monkeypatch):
+    # conftest has already set a device count and jax is running in this process.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(platform, "backend_initialized", lambda: False)
+    added = platform.configure_cpu(num_devices=8)
+    assert added == [platform.CONV_FLAG]  # the user's device count wins
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=3", platform.CONV_FLAG]
+    assert platform.configure_cpu() == []  # idempotent
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert platform.configure_cpu(num_devices=1) == [platform.CONV_FLAG]
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert platform.configure_cpu() == [] and os.environ["XLA_FLAGS"] == ""
+
+
+def test_configure_cpu_is_a_no_op_once_jax_runs(monkeypatch):
+    jax.devices()  # the backend is certainly up now
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    with pytest.warns(UserWarning, match="already initialised"):
+        assert platform.configure_cpu() == []
+    assert os.environ["XLA_FLAGS"] == ""
+
+
+@pytest.mark.parametrize("kernel,stride,pad,size", [(3, 1, 1, 8), (3, 2, 1, 8), (1, 2, 0, 8),
+                                                    (7, 2, 3, 9), (3, 2, 1, 7)])
+def test_canonical_conv_matches_lax_conv(kernel, stride, pad, size):
+    from resnet_jax.models.layers import canonical_conv2d
+
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(3, size, size, 4), jnp.float32)
+    k = jnp.asarray(rng.randn(kernel, kernel, 4, 5), jnp.float32)
+
+    def ref(x, k):
+        return jax.lax.conv_general_dilated(x, k, (stride, stride), ((pad, pad), (pad, pad)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def ours(x, k):
+        return canonical_conv2d(x, k, stride, (pad, pad, pad, pad))
+
+    np.testing.assert_allclose(ours(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
+    ct = jnp.asarray(rng.randn(*ref(x, k).shape), jnp.float32)
+    g_ref = jax.vjp(ref, x, k)[1](ct)
+    g_ours = jax.vjp(ours, x, k)[1](ct)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
