@@ -96,6 +96,14 @@ def format_error(e: BaseException) -> str:
     return f"error: {text}"
 
 
+def _configure_cpu() -> None:
+    """The fast-CPU XLA flags (resnet_jax/platform.py), unless jax is already running."""
+    from resnet_jax.platform import backend_initialized, configure_cpu
+
+    if not backend_initialized():
+        configure_cpu()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `resnet-jax` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -106,7 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         add(sub)
     # --config.x.y=v overrides are collected here, not by argparse.
     overrides = [a for a in argv if a.startswith("--config.")]
-    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    args, unknown = parser.parse_known_args([a for a in argv if not a.startswith("--config.")])
+    if args.command == "bench":  # the bench parses its own flags
+        args.bench_args = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command != "bench":  # the bench sets (or skips) the CPU flags from its own options
+        _configure_cpu()
     try:
         return args.func(args, overrides)
     except _known_errors() as e:

@@ -127,3 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(report, f, indent=1, default=str)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def register(subparsers) -> None:
+    """Adds `resnet-jax bench`; its flags are parsed by `parse_args` (see `resnet-jax bench -h`)."""
+    # add_help=False: `resnet-jax bench --help` reaches `parse_args`, which knows the flags.
+    p = subparsers.add_parser("bench", add_help=False, help="time train/eval steps (vs PyTorch)")
+    p.set_defaults(func=lambda args, overrides: main(args.bench_args))
