@@ -3,8 +3,11 @@
 import os
 import tempfile
 
+# The same fast-CPU convolution routing as the CLI applies (resnet_jax/platform.py).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compile each distinct step once per test session, also across the subprocesses tests start:

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax.cli import main
 from resnet_jax.data import NormStats
+from resnet_jax.platform import CONV_FLAG
 from resnet_jax.train import (
     Checkpointer,
     CheckpointError,
@@ -102,7 +103,7 @@ class TrainProcess:
 def subprocess_env(cache: Path, devices: int, **extra: str) -> dict[str, str]:
     """The environment of a helper process: `devices` simulated CPU devices, a compile cache."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {CONV_FLAG}"
     env["JAX_PLATFORMS"] = "cpu"
     env["RESNET_JAX_TEST_CACHE"] = str(cache)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

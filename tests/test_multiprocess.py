@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from resnet_jax.platform import CONV_FLAG
 from resnet_jax.train import restore_run
 
 HELPER = Path(__file__).with_name("helpers_train_proc.py")
@@ -43,7 +44,7 @@ def train_losses(workdir: Path) -> dict[int, float]:
 def _env(devices: int, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {CONV_FLAG}",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         **extra,
