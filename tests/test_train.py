@@ -44,7 +44,8 @@ def run_steps(config, ds, mesh, num_steps, aug=None):
     repl = NamedSharding(mesh, P())
     state = create_state(config, ds.spec, tx, repl)
     data = replicate((ds.train_images, ds.train_labels, ds.stats), mesh)
-    cfg = StepConfig(t.batch_size, aug or AugmentConfig.from_config(config.data))
+    cfg = StepConfig(t.batch_size, aug or AugmentConfig.from_config(config.data),
+                     dynamic_loss_scale=t.loss_scale > 0)
     step = jax.jit(make_train_step(train_def, tx, schedule, cfg, mesh))
     losses = []
     for _ in range(num_steps):
@@ -218,3 +219,19 @@ def test_runs_saved_before_a_config_key_existed_still_restore_and_resume(tiny_ru
     check_resume_compatible(old, tiny_config())  # no "changed config" error
     config, _, state, _, _ = restore_run(old)
     assert config.model.bn_group_size == 0 and int(state.step) == 20
+
+
+def test_float16_dynamic_loss_scale_skips_overflow_and_halves(sample_dataset):
+    config = tiny_config(batch_size=32, loss_scale=2.0**20)
+    config.model.dtype = "float16"
+    ds = small_dataset(sample_dataset, 32)
+    # At 2^20 the float16 backward pass overflows (the logits' gradient alone is ~2^20 / 32,
+    # above float16's 65504): such steps are skipped and counted, and the scale halves.
+    state, losses = run_steps(config, ds, make_mesh(jax.devices()[:1]), 12,
+                              aug=AugmentConfig(pad=0, crop=False, flip=False))
+    skipped = int(state.nonfinite_total)
+    assert 1 <= skipped < 10 and losses[-1] < losses[skipped]  # then it trains
+    assert float(state.loss_scale) == 2.0**20 / 2**skipped
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+    assert int(state.step) == 12
