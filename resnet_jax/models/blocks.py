@@ -61,6 +61,12 @@ class _Block(nnx.Module):
             return self.projection(x)
         return option_a_shortcut(x, self.out_features, self.strides)
 
+    def _preact_residual(self, x: jax.Array, pre: jax.Array) -> jax.Array | None:
+        # A projection sees the pre-activated input, as in the paper's reference code.
+        if self.shortcut == "none":
+            return None
+        return self._shortcut(pre if self.projection is not None else x)
+
     def _record(self, name: str, y: jax.Array) -> jax.Array:
         if self.record_responses:
             self.sow(nnx.Intermediate, name, y)
@@ -151,10 +157,7 @@ class PreActBasicBlock(_Block):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         pre = nnx.relu(self.bn1(x))
-        # A projection sees the pre-activated input, as in the paper's reference code.
-        residual = None if self.shortcut == "none" else self._shortcut(
-            pre if self.projection is not None else x
-        )
+        residual = self._preact_residual(x, pre)
         y = self.conv1(pre)
         y = self.conv2(nnx.relu(self._record("response1", self.bn2(y))))
         return y if residual is None else y + residual
@@ -188,9 +191,7 @@ class PreActBottleneckBlock(_Block):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         pre = nnx.relu(self.bn1(x))
-        residual = None if self.shortcut == "none" else self._shortcut(
-            pre if self.projection is not None else x
-        )
+        residual = self._preact_residual(x, pre)
         y = self.conv1(pre)
         y = self.conv2(nnx.relu(self.bn2(y)))
         y = self.conv3(nnx.relu(self._record("response2", self.bn3(y))))
