@@ -51,10 +51,13 @@ def sample_dataset():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, sample_dataset):
-    """A finished 20-step ResNet-8 run (batch 64, checkpoints at 10 and 20), shared by tests."""
+    """A finished 20-step ResNet-8 run (batch 64, checkpoints at 10 and 20), shared by tests.
+
+    It runs 5 steps per host call (`lax.scan`), so the block-of-steps path is what they check.
+    """
     from resnet_jax.train import train_and_evaluate
 
     workdir = tmp_path_factory.mktemp("tiny_run")
-    result = train_and_evaluate(tiny_config(), workdir, dataset=sample_dataset,
+    result = train_and_evaluate(tiny_config(steps_per_call=5), workdir, dataset=sample_dataset,
                                 interactive=False)
     return workdir, result

@@ -129,6 +129,8 @@ def test_tiny_run_writes_its_outputs(tiny_run):
     assert [r["step"] for r in test_records] == [10, 20]
     assert all(r["count"] == 1000 for r in test_records)
     train = [r for r in records if r["split"] == "train"]
+    assert config["train"]["steps_per_call"] == 5  # blocks of 5 steps per host call
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
     assert train[-1]["loss"] < train[0]["loss"]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
                   if p.name.isdigit()) == [10, 20]
@@ -137,7 +139,7 @@ def test_tiny_run_writes_its_outputs(tiny_run):
 
 
 def test_quick_preset_learns(tiny_run):
-    # tiny_run is the quick preset at batch 32 for 20 steps (the full preset: see README).
+    # tiny_run is the quick preset at batch 64 for 20 steps (the full preset: see README).
     _, result = tiny_run
     assert result["test_error"] < 70.0  # chance is 90%
 
