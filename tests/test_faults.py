@@ -33,7 +33,7 @@ from resnet_jax.train import (
     Checkpointer,
     CheckpointError,
     DivergenceError,
-    init_state,
+    abstract_state,
     make_mesh,
     make_optimizer,
     restore_run,
@@ -226,10 +226,7 @@ def _target(sample_dataset):
     config = tiny_config()
     t = config.train
     tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
-    replicated = NamedSharding(make_mesh(), P())
-    shapes = jax.eval_shape(lambda: init_state(config, sample_dataset.spec, tx))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        shapes)
+    return abstract_state(config, sample_dataset.spec, tx, NamedSharding(make_mesh(), P()))
 
 
 def _largest_file(step_dir: Path) -> Path:

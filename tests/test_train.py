@@ -16,9 +16,9 @@ from resnet_jax.data import AugmentConfig, replicate
 from resnet_jax.train import (
     Checkpointer,
     StepConfig,
+    abstract_state,
     create_state,
     graphdefs,
-    init_state,
     make_mesh,
     make_optimizer,
     make_schedule,
@@ -86,7 +86,7 @@ def test_eight_devices_match_one_device(sample_dataset):
 def _final_params(workdir, config, ds):
     t = config.train
     tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
-    target = jax.eval_shape(lambda: init_state(config, ds.spec, tx))
+    target = abstract_state(config, ds.spec, tx, NamedSharding(make_mesh(), P()))
     ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         state = ckpt.restore(target)

@@ -19,7 +19,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from resnet_jax.config import load_run_config
 from resnet_jax.data import normalize
 
 RESPONSES = ("response1", "response2")
@@ -48,28 +47,11 @@ def _check_unrolled(config) -> None:
 def _restore(workdir: str | Path, step: int | None = None):
     """(config, dataset, state, eval graphdef) of a run's checkpoint (default: the latest),
     restored onto one device: the analysis is small, and one device compiles faster than an SPMD
-    program over a multi-device mesh. (Like `train.restore_run`, but tolerant of older configs.)"""
-    from jax.sharding import SingleDeviceSharding
+    program over a multi-device mesh."""
+    from resnet_jax.train import restore_run
 
-    from resnet_jax.data import load_dataset
-    from resnet_jax.train import init_state, make_optimizer
-    from resnet_jax.train.checkpoint import Checkpointer
-    from resnet_jax.train.state import graphdefs
-
-    config = load_run_config(workdir)
+    config, ds, state, eval_def, _ = restore_run(workdir, step, devices=jax.devices()[:1])
     _check_unrolled(config)
-    ds = load_dataset(config.data)
-    t = config.train
-    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
-    _, eval_def = graphdefs(config, ds.spec)
-    one = SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
-                          jax.eval_shape(lambda: init_state(config, ds.spec, tx)))
-    ckpt = Checkpointer(Path(workdir).absolute() / "checkpoints", read_only=True)
-    try:
-        state = ckpt.restore(target, step)
-    finally:
-        ckpt.close()
     return config, ds, state, eval_def
 
 

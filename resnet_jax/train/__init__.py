@@ -13,6 +13,7 @@ from resnet_jax.train.loop import (
 from resnet_jax.train.optim import make_optimizer, make_schedule
 from resnet_jax.train.state import (
     TrainState,
+    abstract_state,
     create_state,
     graphdefs,
     init_state,
@@ -27,6 +28,7 @@ __all__ = [
     "Preempted",
     "StepConfig",
     "TrainState",
+    "abstract_state",
     "create_state",
     "evaluate_split",
     "graphdefs",

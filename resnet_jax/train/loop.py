@@ -24,7 +24,7 @@ from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.logger import MetricsLogger
 from resnet_jax.train.optim import make_optimizer, make_schedule
-from resnet_jax.train.state import TrainState, create_state, graphdefs, init_state
+from resnet_jax.train.state import TrainState, abstract_state, create_state, graphdefs
 from resnet_jax.train.step import StepConfig, make_eval_step, make_multi_step, make_train_step
 
 # Keys a resumed run may change: they affect logging and bookkeeping, not the trajectory.
@@ -172,7 +172,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
     train_def, eval_def = graphdefs(config, ds.spec)
     replicated = NamedSharding(mesh, P())
-    make_state = jax.jit(lambda: init_state(config, ds.spec, tx), out_shardings=replicated)
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
                         async_save=t.async_checkpoints)
@@ -180,10 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     try:
         if ckpt.latest_step() is not None:
             # Restore into an abstract target: a bad checkpoint is reported before any compile.
-            target = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                jax.eval_shape(make_state))
-            state = ckpt.restore(target)
+            state = ckpt.restore(abstract_state(config, ds.spec, tx, replicated))
         else:
             state = create_state(config, ds.spec, tx, replicated)
         start = int(state.step)
@@ -269,19 +265,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         ckpt.close(raise_errors=sys.exc_info()[0] is None)
 
 
-def restore_run(workdir: str | Path, step: int | None = None, best: bool = False):
-    """Restores a finished or running run: returns (config, dataset, state, eval graphdef, mesh)."""
+def restore_run(workdir: str | Path, step: int | None = None, best: bool = False,
+                devices=None):
+    """Restores a finished or running run: returns (config, dataset, state, eval graphdef, mesh).
+
+    The state is replicated over a mesh of `devices` (default: all); analyses of small models
+    pass one device, which compiles faster than an SPMD program over many.
+    """
     workdir = Path(workdir).absolute()
     config = load_run_config(workdir)
     ds = load_dataset(config.data)
-    mesh = make_mesh()
+    mesh = make_mesh(devices)
     t = config.train
     tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
     _, eval_def = graphdefs(config, ds.spec)
-    replicated = NamedSharding(mesh, P())
-    target = jax.eval_shape(lambda: init_state(config, ds.spec, tx))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          target)
+    target = abstract_state(config, ds.spec, tx, NamedSharding(mesh, P()))
     ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         if best:

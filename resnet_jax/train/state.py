@@ -90,6 +90,14 @@ def init_state(config: ml_collections.ConfigDict, spec: DataSpec, tx) -> TrainSt
     )
 
 
+def abstract_state(config: ml_collections.ConfigDict, spec: DataSpec, tx,
+                   sharding: jax.sharding.Sharding) -> TrainState:
+    """The state's shapes and dtypes with `sharding`, built without computing anything: the
+    target a checkpoint is restored into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        jax.eval_shape(lambda: init_state(config, spec, tx)))
+
+
 def create_state(config: ml_collections.ConfigDict, spec: DataSpec, tx,
                  sharding: jax.sharding.Sharding) -> TrainState:
     """A fresh state, initialised on the devices with `sharding`.
