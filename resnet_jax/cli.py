@@ -105,7 +105,11 @@ def _configure_cpu() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `resnet-jax` console script."""
+    """Entry point of the `resnet-jax` console script (`argv=None`: this process's arguments)."""
+    if argv is None:  # A program start, not a call from Python: pick the fast malloc first.
+        from resnet_jax.platform import reexec_with_malloc_tuning
+
+        reexec_with_malloc_tuning()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="resnet-jax", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -10,6 +10,7 @@ nothing on the accelerator. See docs/performance.md for the measurements behind 
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import warnings
 
@@ -17,9 +18,10 @@ import warnings
 # ran near 11 GFLOP/s and left cores idle here (docs/performance.md, "attempts").
 CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-# Host devices to simulate when the caller does not say: splitting a CIFAR batch over several
-# host devices runs the per-device convolutions concurrently and keeps every core busy.
-DEFAULT_NUM_DEVICES = 8
+# Host devices to simulate when the caller does not say. Before `materialize` and huge pages, 8
+# devices ran ~2.6x faster than one (they hid XLA's idle time); now 1, 2 and 4 devices are within
+# noise of each other on ResNet-20, 2 was 7% ahead of 1 on ResNet-56, and 8 is ~15% behind.
+DEFAULT_NUM_DEVICES = 2
 ENV_NUM_DEVICES = "RESNET_JAX_CPU_DEVICES"
 
 
@@ -70,3 +72,47 @@ def configure_cpu(num_devices: int | None = None) -> list[str]:
     if added:
         os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return added
+
+
+# glibc's malloc backs large blocks with transparent huge pages (2 MiB) when asked to. XLA:CPU
+# allocates its step buffers afresh on every call; with 4 KiB pages that cost ~83k page faults
+# (~20% of CPU time in the kernel) and TLB misses per ResNet-20 step (docs/performance.md).
+MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
+ENV_NO_REEXEC = "RESNET_JAX_NO_MALLOC_TUNING"
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _thp_available() -> bool:
+    try:
+        with open(_THP_SETTING) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def malloc_tuning_applies() -> bool:
+    """True when `reexec_with_malloc_tuning` would restart: Linux with glibc and huge pages
+    available, the tunable not yet set, and $RESNET_JAX_NO_MALLOC_TUNING unset."""
+    if sys.platform != "linux" or os.environ.get(ENV_NO_REEXEC):
+        return False
+    if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    return platform.libc_ver()[0] == "glibc" and _thp_available()
+
+
+def reexec_with_malloc_tuning() -> None:
+    """Restarts this program once, unchanged, with glibc's huge-page malloc switched on.
+
+    glibc reads GLIBC_TUNABLES only when a process starts, so a program that wants it must be
+    started with it: the `resnet-jax` console script and `scripts/bench.py` call this first thing
+    (before jax is imported). The process keeps its PID, arguments and open files. Nothing
+    happens when `malloc_tuning_applies()` is False (other OS or libc, huge pages disabled, the
+    user's own GLIBC_TUNABLES already naming the tunable, or $RESNET_JAX_NO_MALLOC_TUNING set).
+    """
+    if not malloc_tuning_applies():
+        return
+    tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES", ""), MALLOC_TUNABLE) if t)
+    env = dict(os.environ, GLIBC_TUNABLES=tunables)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

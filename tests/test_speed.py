@@ -139,3 +139,82 @@ def test_canonical_conv_matches_lax_conv(kernel, stride, pad, size):
     g_ours = jax.vjp(ours, x, k)[1](ct)
     for a, b in zip(g_ours, g_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_closed_form_batch_norm_matches_nnx_batch_norm(dtype):
+    from resnet_jax.models.batch_norm import BatchNorm
+
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(8, 5, 5, 6) * 3 + 1, dtype)
+    ct = jnp.asarray(rng.randn(8, 5, 5, 6), dtype)
+    ours = BatchNorm(6, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=nnx.Rngs(0))
+    ref = nnx.BatchNorm(6, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=nnx.Rngs(0))
+    for bn in (ours, ref):  # a non-trivial affine part, the same in both
+        bn.scale[...] = jnp.linspace(0.5, 2.0, 6)
+        bn.bias[...] = jnp.linspace(-1.0, 1.0, 6)
+
+    def vjp(bn):
+        graphdef, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+
+        def f(x, params):
+            model = nnx.merge(graphdef, params, stats, copy=True)
+            return model(x), nnx.state(model, nnx.BatchStat)
+
+        y, pullback, new_stats = jax.vjp(f, x, params, has_aux=True)
+        return y, pullback(ct), new_stats
+
+    y, (gx, gp), stats = vjp(ours)
+    y_ref, (gx_ref, gp_ref), stats_ref = vjp(ref)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert y.dtype == y_ref.dtype == dtype and gx.dtype == dtype
+    np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.float32(gx), np.float32(gx_ref), rtol=tol, atol=tol)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(gp[name][...], gp_ref[name][...], rtol=tol, atol=tol * 10)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(stats[name][...], stats_ref[name][...], rtol=1e-5, atol=1e-5)
+    # The gradient is not trivially zero: sum(gx) over the batch vanishes only per channel.
+    assert float(jnp.abs(gx.astype(jnp.float32)).sum()) > 1.0
+    ours.eval()
+    ref.eval()
+    np.testing.assert_array_equal(np.float32(ours(x)), np.float32(ref(x)))
+
+
+def test_materialize_is_a_bitwise_identity_that_survives_xla():
+    from resnet_jax.models.layers import materialize
+
+    x = jnp.asarray(np.random.RandomState(0).randn(4, 6, 6, 3), jnp.float32)
+    x = x.at[0, 0, 0, 0].set(jnp.inf).at[0, 0, 0, 1].set(-0.0)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        xd = x.astype(dtype)
+        y, pullback = jax.vjp(jax.jit(materialize), xd)
+        np.testing.assert_array_equal(np.asarray(y).view(np.uint8), np.asarray(xd).view(np.uint8))
+        (g,) = pullback(xd)
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(xd).view(np.uint8))
+    # The division must reach the compiled program: XLA drops optimization barriers before
+    # fusion, and were the one visible it would fold `x / 1` away (and recompute chains again).
+    hlo = jax.jit(lambda v: materialize(jnp.maximum(v, 0.0))).lower(x).compile().as_text()
+    assert " divide(" in hlo
+
+
+def test_malloc_tuning_only_where_it_applies(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    assert not platform.malloc_tuning_applies()  # the user's choice wins
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv(platform.ENV_NO_REEXEC, "1")
+    assert not platform.malloc_tuning_applies()
+    monkeypatch.delenv(platform.ENV_NO_REEXEC)
+    monkeypatch.setattr(platform, "_thp_available", lambda: False)
+    assert not platform.malloc_tuning_applies()
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
+    platform.reexec_with_malloc_tuning()
+    assert calls == []
+    monkeypatch.setattr(platform, "_thp_available", lambda: True)
+    monkeypatch.setattr(platform.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(platform.sys, "platform", "linux")
+    platform.reexec_with_malloc_tuning()
+    (exe, argv, env), = calls
+    assert exe == platform.sys.executable and argv[1:] == platform.sys.orig_argv[1:]
+    assert env["GLIBC_TUNABLES"] == platform.MALLOC_TUNABLE

@@ -60,6 +60,7 @@ def format_report(report: dict) -> str:
         f"backend {report['backend']}, {len(report['devices'])} device(s), "
         f"{report['cpu_count']} CPU(s), jax {report['jax']}",
         f"XLA_FLAGS: {report['xla_flags'] or '(none)'}",
+        f"GLIBC_TUNABLES: {report.get('glibc_tunables') or '(none)'}",
         f"float32 matmul peak (2048^2, same run): {peak / 1e9:.1f} GFLOP/s",
         "",
     ]

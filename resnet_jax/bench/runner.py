@@ -249,6 +249,7 @@ def run(cfg: BenchConfig) -> dict:
         "devices": [str(d) for d in jax.devices()],
         "cpu_count": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "matmul_peak_flops": max(peaks),
         "matmul_peak_flops_samples": peaks,
         "config": dataclasses.asdict(cfg),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from resnet_jax.models.layers import LayerFactory, option_a_shortcut
+from resnet_jax.models.layers import LayerFactory, materialize, option_a_shortcut
 
 SHORTCUTS = ("A", "B", "C", "none")
 
@@ -95,10 +95,10 @@ class BasicBlock(_Block):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self._record("response1", self.bn1(self.conv1(x)))
-        y = nnx.relu(y)
+        y = materialize(nnx.relu(y))
         y = self._record("response2", self.bn2(self.conv2(y)))
         residual = self._shortcut(x)
-        return nnx.relu(y if residual is None else y + residual)
+        return materialize(nnx.relu(y if residual is None else y + residual))
 
 
 class BottleneckBlock(_Block):
@@ -127,11 +127,11 @@ class BottleneckBlock(_Block):
         self._make_shortcut(layers, in_features, out, strides, shortcut, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nnx.relu(self.bn1(self.conv1(x)))
-        y = nnx.relu(self._record("response2", self.bn2(self.conv2(y))))
+        y = materialize(nnx.relu(self.bn1(self.conv1(x))))
+        y = materialize(nnx.relu(self._record("response2", self.bn2(self.conv2(y)))))
         y = self.bn3(self.conv3(y))
         residual = self._shortcut(x)
-        return nnx.relu(y if residual is None else y + residual)
+        return materialize(nnx.relu(y if residual is None else y + residual))
 
 
 class PreActBasicBlock(_Block):
@@ -156,11 +156,11 @@ class PreActBasicBlock(_Block):
         self._make_shortcut(layers, in_features, features, strides, shortcut, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        pre = nnx.relu(self.bn1(x))
+        pre = materialize(nnx.relu(self.bn1(x)))
         residual = self._preact_residual(x, pre)
         y = self.conv1(pre)
-        y = self.conv2(nnx.relu(self._record("response1", self.bn2(y))))
-        return y if residual is None else y + residual
+        y = self.conv2(materialize(nnx.relu(self._record("response1", self.bn2(y)))))
+        return materialize(y if residual is None else y + residual)
 
 
 class PreActBottleneckBlock(_Block):
@@ -190,9 +190,9 @@ class PreActBottleneckBlock(_Block):
         self._make_shortcut(layers, in_features, out, strides, shortcut, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        pre = nnx.relu(self.bn1(x))
+        pre = materialize(nnx.relu(self.bn1(x)))
         residual = self._preact_residual(x, pre)
         y = self.conv1(pre)
-        y = self.conv2(nnx.relu(self.bn2(y)))
-        y = self.conv3(nnx.relu(self._record("response2", self.bn3(y))))
-        return y if residual is None else y + residual
+        y = self.conv2(materialize(nnx.relu(self.bn2(y))))
+        y = self.conv3(materialize(nnx.relu(self._record("response2", self.bn3(y)))))
+        return materialize(y if residual is None else y + residual)

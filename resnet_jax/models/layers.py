@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resnet_jax.models.batch_norm import BatchNorm
+
 # He et al. 2015 ("Delving deep into rectifiers"): zero-mean Gaussian, std = sqrt(2 / fan_in).
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
@@ -121,7 +123,8 @@ class LayerFactory:
       dtype: compute dtype (float32 or bfloat16); parameters stay float32.
       bn_momentum: running-average decay of BN statistics (Flax convention: 0.9 == PyTorch's 0.1).
       bn_epsilon: BN epsilon.
-      norm_cls: the normalisation module class (BatchNorm by default).
+      norm_cls: the normalisation module class (`batch_norm.BatchNorm`, i.e. nnx.BatchNorm
+        with a closed-form backward pass, by default).
       canonical_conv: use `canonical_conv2d` (explicit-layout backward pass). Scanned stages need
         it on XLA:CPU; unrolled nets measured no faster with it, so they keep lax's own.
     """
@@ -129,7 +132,7 @@ class LayerFactory:
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    norm_cls: Callable[..., nnx.Module] = nnx.BatchNorm
+    norm_cls: Callable[..., nnx.Module] = BatchNorm
     canonical_conv: bool = False
 
     def conv(
@@ -164,6 +167,22 @@ class LayerFactory:
             scale_init=nnx.initializers.zeros if zero_init else nnx.initializers.ones,
             rngs=rngs,
         )
+
+
+def materialize(x: jax.Array) -> jax.Array:
+    """Identity on `x` (bitwise, in value and gradient) that XLA computes once and stores.
+
+    Why: a block's output is a chain of cheap elementwise ops (BN, add, ReLU) over convolution
+    outputs, and XLA:CPU's fusion copies such chains into every consumer. The backward pass reads
+    each convolution input transposed (for the weight gradient), so without this each of those
+    transposes recomputed the whole residual stream back to the start of its stage, reading it in
+    transposed order: on ResNet-20 those fusions took ~60% of the train step, and more with depth
+    (docs/performance.md). Dividing by a one that XLA cannot see through (it is hidden behind an
+    optimization barrier, which XLA:CPU otherwise drops before fusion) marks the value as too
+    expensive to duplicate, so it is materialised once and the transposes become plain copies.
+    The division by exactly 1 changes no bit; on GPU/TPU it is one fused elementwise op.
+    """
+    return x / jax.lax.optimization_barrier(jnp.ones((), x.dtype))
 
 
 def option_a_shortcut(x: jax.Array, out_features: int, strides: int) -> jax.Array:

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resnet_jax.models.batch_norm import BatchNorm
 from resnet_jax.models.ghost_norm import GhostBatchNorm
-from resnet_jax.models.layers import LayerFactory
+from resnet_jax.models.layers import LayerFactory, materialize
 
 
 class Stage(nnx.Module):
@@ -109,9 +110,9 @@ class ResNet(nnx.Module):
             raise ValueError(f"stem={stem!r} is not valid; choose 'cifar' or 'imagenet'.")
         # bn_group_size > 0: "ghost" BN, statistics per group of that many examples.
         norm_cls = (functools.partial(GhostBatchNorm, group_size=bn_group_size)
-                    if bn_group_size else nnx.BatchNorm)
+                    if bn_group_size else BatchNorm)
         layers = LayerFactory(dtype=dtype, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
-                              norm_cls=norm_cls)
+                              norm_cls=norm_cls, canonical_conv=scan_blocks)
         self.stem_kind = stem
         self.preact = preact
         self.dtype = dtype
@@ -140,7 +141,7 @@ class ResNet(nnx.Module):
         features = {}
         x = self.stem_conv(x.astype(self.dtype))
         if self.stem_norm is not None:
-            x = nnx.relu(self.stem_norm(x))
+            x = materialize(nnx.relu(self.stem_norm(x)))
         if self.stem_kind == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         features["stem"] = x

@@ -3,6 +3,8 @@
 import sys
 
 from resnet_jax.cli import main
+from resnet_jax.platform import reexec_with_malloc_tuning
 
 if __name__ == "__main__":
+    reexec_with_malloc_tuning()
     sys.exit(main(["train", *sys.argv[1:]]))
