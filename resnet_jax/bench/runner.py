@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -65,15 +66,48 @@ def _batch(mesh, batch_size: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
     return x, y
 
 
-def _torch_trainer(name: str, batch_size: int):
-    """The PyTorch twin from benchmarks/torch_resnet.py (a file of the repo, not the library)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_resnet.py"
-    if not path.exists():
-        raise FileNotFoundError(f"--vs-torch needs {path} (run from a source checkout)")
-    spec = importlib.util.spec_from_file_location("_torch_resnet_twin", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.TorchTrainer(_depth(name), batch_size)
+class TorchTwin:
+    """The PyTorch twin (benchmarks/torch_resnet.py, not part of the library) in a child process.
+
+    `window(kind, steps)` runs `steps` train or eval steps there and returns seconds per step.
+    A separate process, driven in lockstep, keeps the two frameworks' thread pools apart: in one
+    process torch's spin-waiting OpenMP threads slowed XLA's step by ~30% (and XLA's slowed
+    torch), which measured the co-hosting, not either framework. The child inherits this
+    process's environment (GLIBC_TUNABLES included), so both run under the same settings.
+    """
+
+    def __init__(self, name: str, batch_size: int):
+        path = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_resnet.py"
+        if not path.exists():
+            raise FileNotFoundError(f"--vs-torch needs {path} (run from a source checkout)")
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, str(path), "--serve", str(_depth(name)), str(batch_size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        if self._proc.stdout.readline().strip() != "ready":
+            self._fail("could not start")
+
+    def _fail(self, what: str):
+        self._proc.kill()
+        self._stderr.seek(0)
+        tail = self._stderr.read()[-2000:]
+        raise RuntimeError(f"--vs-torch: the PyTorch twin {what} (is torch installed? "
+                           f"pip install torch==2.13.0, the [bench] extra):\n{tail}")
+
+    def window(self, kind: str, steps: int) -> float:
+        """Mean seconds per step of `steps` PyTorch `kind` ("train" or "eval") steps."""
+        self._proc.stdin.write(f"{kind} {steps}\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            self._fail("stopped")
+        return float(line)
+
+    def close(self) -> None:
+        """Stops the child process."""
+        self._proc.stdin.close()
+        self._proc.wait(timeout=60)
+        self._stderr.close()
 
 
 class _Compiled:
@@ -111,7 +145,7 @@ def bench_model(cfg: BenchConfig, name: str, dtype: str, mesh, peak: float) -> l
     train = _Compiled(make_train_step(state, mesh=mesh), state.params, state.batch_stats,
                       state.opt_state, x, y)
     evals = _Compiled(make_eval_step(state, mesh=mesh), state.params, state.batch_stats, x, y)
-    torch = _torch_trainer(name, cfg.batch_size) if cfg.vs_torch and dtype == "float32" else None
+    torch = TorchTwin(name, cfg.batch_size) if cfg.vs_torch and dtype == "float32" else None
 
     carry = [state.params, state.batch_stats, state.opt_state]
 
@@ -124,23 +158,17 @@ def bench_model(cfg: BenchConfig, name: str, dtype: str, mesh, peak: float) -> l
         return evals.fn(carry[0], carry[1], x, y)
 
     rows = []
-    for kind, run, steps, torch_run in (
-        ("train", train_once, cfg.train_steps, torch and torch.train_step),
-        ("eval", eval_once, cfg.eval_steps, torch and torch.eval_step),
-    ):
+    for kind, run, steps in (("train", train_once, cfg.train_steps),
+                             ("eval", eval_once, cfg.eval_steps)):
         measure.time_window(run, cfg.warmup)
-        if torch_run:
-            for _ in range(cfg.warmup):
-                torch_run()
+        if torch:
+            torch.window(kind, cfg.warmup)
         ours, theirs = [], []
         # Alternate windows so that load from other processes hits both frameworks alike.
         for _ in range(cfg.windows):
             ours.append(measure.time_window(run, steps))
-            if torch_run:
-                t = time.perf_counter()
-                for _ in range(steps):
-                    torch_run()
-                theirs.append((time.perf_counter() - t) / steps)
+            if torch:
+                theirs.append(torch.window(kind, steps))
         compiled = train if kind == "train" else evals
         row = {"model": name, "dtype": dtype, "step": kind, "batch_size": cfg.batch_size,
                "devices": n_dev, "scan_blocks": cfg.scan_blocks, "remat": remat,
@@ -158,6 +186,8 @@ def bench_model(cfg: BenchConfig, name: str, dtype: str, mesh, peak: float) -> l
         row["peak_host_memory_bytes"] = measure.peak_host_memory_bytes()
         row["device_peak_memory_bytes"] = measure.device_peak_memory_bytes()
         rows.append(row)
+    if torch:
+        torch.close()
     return rows
 
 
