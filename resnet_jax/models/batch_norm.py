@@ -6,7 +6,7 @@ on XLA:CPU); the textbook closed form needs two, `sum(g)` and `sum(g * xhat)`:
 
     dx = scale / sigma * (g - sum(g) / n - xhat * sum(g * xhat) / n)
 
-It is the same gradient (tests/test_models.py checks it against autodiff of nnx.BatchNorm), with
+It is the same gradient (tests/test_speed.py checks it against autodiff of nnx.BatchNorm), with
 fewer passes over the activations, which is what costs on a CPU.
 """
 
