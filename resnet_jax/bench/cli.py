@@ -21,7 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="resnet-jax bench",
         description="Time train/eval steps (compile, step time, img/s, FLOPs, memory), "
-        "optionally against the PyTorch twin in the same process.",
+        "optionally against the PyTorch twin (own process, alternating windows).",
     )
     ap.add_argument("--models", type=_csv, default=["resnet20", "resnet56"])
     ap.add_argument("--batch-size", type=int, default=128)
