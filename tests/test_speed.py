@@ -141,6 +141,45 @@ def test_canonical_conv_matches_lax_conv(kernel, stride, pad, size):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,stride,pad,size", [
+    (3, 2, (1, 1, 1, 1), 16), (3, 2, (0, 1, 1, 0), 9), (1, 2, (0, 0, 0, 0), 7),
+    (4, 2, (2, 4, 4, 2), 8), (7, 2, (3, 3, 3, 3), 9), (5, 3, (1, 5, 5, 1), 10)])
+def test_strided_input_grad_matches_autodiff(kernel, stride, pad, size):
+    """The sub-pixel input gradient equals lax's (dilated) one, asymmetric and odd cases too."""
+    from resnet_jax.models.layers import strided_input_grad
+
+    rng = np.random.RandomState(1)
+    x = jnp.asarray(rng.randn(2, size, size + 1, 3), jnp.float32)
+    k = jnp.asarray(rng.randn(kernel, kernel, 3, 4), jnp.float32)
+    pt, pb, pl, pr = pad
+
+    def conv(x):
+        return jax.lax.conv_general_dilated(x, k, (stride, stride), ((pt, pb), (pl, pr)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    y, vjp = jax.vjp(conv, x)
+    dy = jnp.asarray(rng.randn(*y.shape), jnp.float32)
+    got = strided_input_grad(dy, k, stride, pad, (size, size + 1))
+    np.testing.assert_allclose(got, vjp(dy)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_factory_conv_takes_the_canonical_path(monkeypatch):
+    """nnx.Conv passes extra keywords (`out_sharding=None`); they must not bypass the switch."""
+    from resnet_jax.models import layers
+
+    calls = []
+    real = layers.canonical_conv2d
+    monkeypatch.setattr(layers, "canonical_conv2d", lambda *a: calls.append(a[2:]) or real(*a))
+    x = jnp.ones((2, 8, 8, 4), jnp.float32)
+    # None (the default) means: canonical when tracing for CPU, which this suite runs on.
+    for canonical, expected in [(True, [(2, (1, 1, 1, 1))]), (None, [(2, (1, 1, 1, 1))]),
+                                (False, [])]:
+        calls.clear()
+        conv = layers.LayerFactory(canonical_conv=canonical).conv(4, 6, 3, 2, rngs=nnx.Rngs(0))
+        assert conv(x).shape == (2, 4, 4, 6)
+        assert calls == expected
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_closed_form_batch_norm_matches_nnx_batch_norm(dtype):
     from resnet_jax.models.batch_norm import BatchNorm

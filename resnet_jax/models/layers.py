@@ -48,23 +48,86 @@ def _canonical_fwd(x, k, stride, pad):
     return _conv2d(x, k, stride, pad), (x, k)
 
 
+def _phase_taps(k: int, stride: int, pad_lo: int) -> list[list[tuple[int, int]]]:
+    """Per output phase p < stride: the (offset d, tap t) pairs with dx[s*a+p] += dy[a+d] @ w[t].
+
+    From the forward y[b] = sum_t x[s*b + t - pad_lo] w[t]: x[i] with i = s*a + p receives
+    dy[b] w[t] for every t = s*q + r, r = (p + pad_lo) mod s, at b = a + (p + pad_lo) // s - q.
+    """
+    taps = []
+    for p in range(stride):
+        m, r = divmod(p + pad_lo, stride)
+        taps.append([(m - q, stride * q + r) for q in range(-(-(k - r) // stride))])
+    return taps
+
+
+def _window(start: int, length: int, size: int) -> tuple[int, int, int, int]:
+    """Rows start .. start+length-1 of an axis of `size`: (slice lo, slice hi, pad lo, pad hi)."""
+    lo, hi = max(start, 0), min(start + length, size)
+    return lo, max(hi, lo), max(-start, 0), length - max(hi - lo, 0) - max(-start, 0)
+
+
+def strided_input_grad(dy: jax.Array, k: jax.Array, stride: int, pad: tuple[int, int, int, int],
+                       in_hw: tuple[int, int]) -> jax.Array:
+    """Input gradient of a strided NHWC/HWIO convolution, without a zero-dilated `dy`.
+
+    The textbook form convolves `dy` dilated with stride-1 zeros between pixels, so a stride-2
+    convolution's input gradient does 4x the useful work (XLA:CPU: 22 ms where 6 ms suffice for
+    the first stride-2 convolution of a CIFAR ResNet). Here each of the stride**2 output phases
+    (sub-pixel positions) is a small stride-1 correlation of `dy` with a subset of the kernel
+    taps; all phases come out of one convolution as stacked output channels and are interleaved
+    back into place (depth-to-space).
+    """
+    pt, _, pl, _ = pad
+    kh, kw, ci, co = k.shape
+    s = stride
+    taps_h, taps_w = _phase_taps(kh, s, pt), _phase_taps(kw, s, pl)
+    offs_h = [d for phase in taps_h for d, _ in phase]
+    offs_w = [d for phase in taps_w for d, _ in phase]
+    h0, h1, w0, w1 = min(offs_h), max(offs_h), min(offs_w), max(offs_w)
+    # Phase kernel [offset_h, offset_w, co, (phase_h, phase_w, ci)]; taps a phase lacks stay 0.
+    n_taps = (h1 - h0 + 1) * (w1 - w0 + 1)
+    blocks = [[jnp.zeros((co, ci), k.dtype)] * (s * s) for _ in range(n_taps)]
+    for ph in range(s):
+        for pw in range(s):
+            for dh, th in taps_h[ph]:
+                for dw, tw in taps_w[pw]:
+                    blocks[(dh - h0) * (w1 - w0 + 1) + (dw - w0)][ph * s + pw] = k[th, tw].T
+    kernel = jnp.stack([jnp.stack(b, axis=1) for b in blocks])  # [taps, co, s*s, ci]
+    kernel = kernel.reshape(h1 - h0 + 1, w1 - w0 + 1, co, s * s * ci)
+    h, w = in_hw
+    a, b = -(-h // s), -(-w // s)  # positions per phase (the last may overhang: cropped below)
+    # Phase position i reads dy rows i + h0 .. i + h1: take dy rows h0 .. a - 1 + h1, zero
+    # outside dy (explicit slicing: XLA:CPU mishandles negative convolution padding).
+    rows, cols = _window(h0, a + h1 - h0, dy.shape[1]), _window(w0, b + w1 - w0, dy.shape[2])
+    dy = dy[:, rows[0]:rows[1], cols[0]:cols[1], :]
+    phases = jax.lax.conv_general_dilated(
+        dy, kernel, (1, 1), (rows[2:], cols[2:]), dimension_numbers=_NHWC)
+    n = dy.shape[0]
+    dx = phases.reshape(n, a, b, s, s, ci).transpose(0, 1, 3, 2, 4, 5).reshape(n, a * s, b * s, ci)
+    return dx[:, :h, :w, :]
+
+
 def _canonical_bwd(stride, pad, res, dy):
     x, k = res
     (pt, pb, pl, pr) = pad
     kh, kw = k.shape[0], k.shape[1]
     h, w = x.shape[1], x.shape[2]
-    # Input gradient: full correlation of the (stride-dilated) output gradient with the kernel
-    # flipped in space and with in/out channels swapped. The high padding absorbs the rows and
-    # columns a strided forward pass never read.
-    kt = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
-    ho, wo = dy.shape[1], dy.shape[2]
-    extra_h = h + pt + pb - ((ho - 1) * stride + kh)
-    extra_w = w + pl + pr - ((wo - 1) * stride + kw)
-    dx = jax.lax.conv_general_dilated(
-        dy, kt, (1, 1),
-        ((kh - 1 - pt, kh - 1 - pb + extra_h), (kw - 1 - pl, kw - 1 - pr + extra_w)),
-        lhs_dilation=(stride, stride), dimension_numbers=_NHWC,
-    )
+    if stride > 1:
+        dx = strided_input_grad(dy, k, stride, pad, (h, w))
+    else:
+        # Input gradient: full correlation of the (stride-dilated) output gradient with the
+        # kernel flipped in space and with in/out channels swapped. The high padding absorbs the
+        # rows and columns a strided forward pass never read.
+        kt = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
+        ho, wo = dy.shape[1], dy.shape[2]
+        extra_h = h + pt + pb - ((ho - 1) * stride + kh)
+        extra_w = w + pl + pr - ((wo - 1) * stride + kw)
+        dx = jax.lax.conv_general_dilated(
+            dy, kt, (1, 1),
+            ((kh - 1 - pt, kh - 1 - pb + extra_h), (kw - 1 - pl, kw - 1 - pr + extra_w)),
+            lhs_dilation=(stride, stride), dimension_numbers=_NHWC,
+        )
     # Weight gradient: channels of x act as the batch and the batch as the features, so this
     # too is a canonical NHWC/HWIO convolution: [I,H,W,B] * [H',W',B,O] -> [I,kh,kw,O].
     dk = jax.lax.conv_general_dilated(
@@ -95,6 +158,8 @@ def conv_general_dilated(
     Only plain 2-D NHWC/HWIO convolutions with equal strides and explicit padding take the
     canonical path; anything else (dilation, groups, 'SAME' strings) goes to lax unchanged.
     """
+    # nnx.Conv always passes `out_sharding` (None unless set); None arguments change nothing.
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     simple = (
         lhs.ndim == 4
@@ -115,6 +180,17 @@ def conv_general_dilated(
     return canonical_conv2d(lhs, rhs, int(window_strides[0]), (pt, pb, pl, pr))
 
 
+def cpu_conv_general_dilated(*args: Any, **kwargs: Any) -> jax.Array:
+    """`conv_general_dilated` (canonical backward) when tracing for CPU, else plain lax.
+
+    GPU and TPU compilers rewrite any convolution into their libraries' layouts themselves, so
+    the explicit transposes of `canonical_conv2d` would only be extra work there.
+    """
+    if jax.default_backend() == "cpu":
+        return conv_general_dilated(*args, **kwargs)
+    return jax.lax.conv_general_dilated(*args, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerFactory:
     """Builds the convolutions and norms of one network with shared dtype and BN settings.
@@ -125,15 +201,17 @@ class LayerFactory:
       bn_epsilon: BN epsilon.
       norm_cls: the normalisation module class (`batch_norm.BatchNorm`, i.e. nnx.BatchNorm
         with a closed-form backward pass, by default).
-      canonical_conv: use `canonical_conv2d` (explicit-layout backward pass). Scanned stages need
-        it on XLA:CPU; unrolled nets measured no faster with it, so they keep lax's own.
+      canonical_conv: use `canonical_conv2d` (explicit-layout backward pass, sub-pixel input
+        gradient for strided convolutions). None (default): on when tracing for CPU, where scanned
+        stages need it (lax's own backward falls to a naive loop inside `scan`) and strided
+        convolutions' input gradients run ~3x faster with it; True / False force it.
     """
 
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     norm_cls: Callable[..., nnx.Module] = BatchNorm
-    canonical_conv: bool = False
+    canonical_conv: bool | None = None
 
     def conv(
         self, in_features: int, out_features: int, kernel: int, strides: int, *, rngs: nnx.Rngs
@@ -151,8 +229,8 @@ class LayerFactory:
             kernel_init=he_normal,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            conv_general_dilated=(conv_general_dilated if self.canonical_conv
-                                  else jax.lax.conv_general_dilated),
+            conv_general_dilated={None: cpu_conv_general_dilated, True: conv_general_dilated,
+                                  False: jax.lax.conv_general_dilated}[self.canonical_conv],
             rngs=rngs,
         )
 

@@ -112,7 +112,7 @@ class ResNet(nnx.Module):
         norm_cls = (functools.partial(GhostBatchNorm, group_size=bn_group_size)
                     if bn_group_size else BatchNorm)
         layers = LayerFactory(dtype=dtype, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
-                              norm_cls=norm_cls, canonical_conv=scan_blocks)
+                              norm_cls=norm_cls)
         self.stem_kind = stem
         self.preact = preact
         self.dtype = dtype
