@@ -178,6 +178,11 @@ def test_layer_factory_conv_takes_the_canonical_path(monkeypatch):
         conv = layers.LayerFactory(canonical_conv=canonical).conv(4, 6, 3, 2, rngs=nnx.Rngs(0))
         assert conv(x).shape == (2, 4, 4, 6)
         assert calls == expected
+    # Tracing for an accelerator, the default leaves convolutions to lax (and its compilers).
+    calls.clear()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    conv = layers.LayerFactory().conv(4, 6, 3, 2, rngs=nnx.Rngs(0))
+    assert conv(x).shape == (2, 4, 4, 6) and calls == []
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
