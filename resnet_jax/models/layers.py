@@ -116,17 +116,12 @@ def _canonical_bwd(stride, pad, res, dy):
     if stride > 1:
         dx = strided_input_grad(dy, k, stride, pad, (h, w))
     else:
-        # Input gradient: full correlation of the (stride-dilated) output gradient with the
-        # kernel flipped in space and with in/out channels swapped. The high padding absorbs the
-        # rows and columns a strided forward pass never read.
+        # Input gradient: full correlation of the output gradient with the kernel flipped in
+        # space and with in/out channels swapped.
         kt = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
-        ho, wo = dy.shape[1], dy.shape[2]
-        extra_h = h + pt + pb - ((ho - 1) * stride + kh)
-        extra_w = w + pl + pr - ((wo - 1) * stride + kw)
         dx = jax.lax.conv_general_dilated(
-            dy, kt, (1, 1),
-            ((kh - 1 - pt, kh - 1 - pb + extra_h), (kw - 1 - pl, kw - 1 - pr + extra_w)),
-            lhs_dilation=(stride, stride), dimension_numbers=_NHWC,
+            dy, kt, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)),
+            dimension_numbers=_NHWC,
         )
     # Weight gradient: channels of x act as the batch and the batch as the features, so this
     # too is a canonical NHWC/HWIO convolution: [I,H,W,B] * [H',W',B,O] -> [I,kh,kw,O].
