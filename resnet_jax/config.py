@@ -301,4 +301,4 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         for key in ("batch_size", "eval_batch_size"):
             _check(t[key] % num_devices == 0, f"train.{key}", t[key],
                    f"must be divisible by the number of devices ({num_devices}); on CPU the "
-                   "CLI simulates $RESNET_JAX_CPU_DEVICES devices, default 8")
+                   "CLI simulates $RESNET_JAX_CPU_DEVICES devices (default 1)")

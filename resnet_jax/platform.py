@@ -18,10 +18,12 @@ import warnings
 # ran near 11 GFLOP/s and left cores idle here (docs/performance.md, "attempts").
 CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-# Host devices to simulate when the caller does not say. Before `materialize` and huge pages, 8
-# devices ran ~2.6x faster than one (they hid XLA's idle time); now 1, 2 and 4 devices are within
-# noise of each other on ResNet-20, 2 was 7% ahead of 1 on ResNet-56, and 8 is ~15% behind.
-DEFAULT_NUM_DEVICES = 2
+# Host devices to simulate when the caller does not say. One: XLA then runs each convolution on
+# both cores' Eigen threads and splits the other fusions two ways, which since `canonical_conv2d`
+# really runs beats splitting the batch over 2 simulated devices by 1.25x (ResNet-20) and 1.17x
+# (ResNet-56), paired, separate processes (docs/performance.md). Before that fix and
+# `materialize`, 8 devices had hidden XLA's idle time (~2.6x over one).
+DEFAULT_NUM_DEVICES = 1
 ENV_NUM_DEVICES = "RESNET_JAX_CPU_DEVICES"
 
 
