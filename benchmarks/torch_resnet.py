@@ -83,10 +83,22 @@ def num_params(model: nn.Module) -> int:
 
 
 class TorchTrainer:
-    """A ready-to-time train step and eval step of the twin at one batch size (random data)."""
+    """A ready-to-time train step and eval step of the twin at one batch size (random data).
 
-    def __init__(self, depth: int, batch_size: int, *, channels_last: bool = False, seed: int = 0):
+    `device` "cuda" runs it on the GPU in channels-last layout (cuDNN's fast NHWC kernels);
+    `dtype` "bfloat16" runs the forward pass under autocast (float32 weights, as in the JAX
+    bf16 step). Steps return the loss as a tensor, so GPU steps queue without a host sync.
+    """
+
+    def __init__(self, depth: int, batch_size: int, *, channels_last: bool | None = None,
+                 seed: int = 0, device: str = "cpu", dtype: str = "float32"):
         torch.manual_seed(seed)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # Fixed shapes: let cuDNN pick its fastest kernels, as XLA autotunes its own.
+            torch.backends.cudnn.benchmark = True
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=dtype == "bfloat16")
         self.model = CifarResNet(depth)
         if depth in EXPECTED_PARAMS:
             assert num_params(self.model) == EXPECTED_PARAMS[depth], num_params(self.model)
@@ -97,49 +109,63 @@ class TorchTrainer:
             [{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}],
             lr=0.1, momentum=0.9,
         )
+        if channels_last is None:
+            channels_last = self.device.type == "cuda"
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = self.model.to(memory_format=fmt)
+        self.model = self.model.to(device=self.device, memory_format=fmt)
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(batch_size, 3, 32, 32, generator=g).to(memory_format=fmt)
-        self.y = torch.randint(0, 10, (batch_size,), generator=g)
+        x = torch.randn(batch_size, 3, 32, 32, generator=g)
+        self.x = x.to(device=self.device, memory_format=fmt)
+        self.y = torch.randint(0, 10, (batch_size,), generator=g).to(self.device)
 
-    def train_step(self) -> float:
-        """One SGD step in train mode; returns the loss."""
+    def train_step(self) -> torch.Tensor:
+        """One SGD step in train mode; returns the loss (a tensor: no host sync)."""
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(self.x), self.y)
+        with self.autocast:
+            loss = F.cross_entropy(self.model(self.x).float(), self.y)
         loss.backward()
         self.opt.step()
-        return float(loss.detach())
+        return loss.detach()
 
     @torch.no_grad()
-    def eval_step(self) -> float:
-        """One forward pass in eval mode; returns the loss."""
+    def eval_step(self) -> torch.Tensor:
+        """One forward pass in eval mode; returns the loss (a tensor)."""
         self.model.eval()
-        return float(F.cross_entropy(self.model(self.x), self.y))
+        with self.autocast:
+            return F.cross_entropy(self.model(self.x).float(), self.y)
+
+    def sync(self) -> None:
+        """Waits for queued GPU work (no-op on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
-def serve(depth: int, batch_size: int) -> None:
+def serve(depth: int, batch_size: int, device: str = "cpu", dtype: str = "float32") -> None:
     """Timing server for `resnet-jax bench --vs-torch`: one line `train|eval N` in, one line out.
 
-    The reply is the mean seconds per step over N steps. The bench runs this in a child process
-    so that PyTorch's OpenMP threads (which spin while waiting, by design) and XLA's threads never
-    share a process: in one process, merely importing torch slowed XLA's ResNet-20 step by ~30%.
+    The reply is the mean seconds per step over N steps (GPU work waited for). The bench runs this
+    in a child process so that PyTorch's OpenMP threads (which spin while waiting, by design) and
+    XLA's threads never share a process: in one process, merely importing torch slowed XLA's
+    ResNet-20 step by ~30%.
     """
-    trainer = TorchTrainer(depth, batch_size)
+    trainer = TorchTrainer(depth, batch_size, device=device, dtype=dtype)
     print("ready", flush=True)
     for line in sys.stdin:
         kind, n = line.split()
         step = trainer.train_step if kind == "train" else trainer.eval_step
+        trainer.sync()
         t = time.perf_counter()
         for _ in range(int(n)):
-            step()
+            loss = step()
+        float(loss)  # the last step's result on the host, as the JAX windows block on theirs
+        trainer.sync()
         print(repr((time.perf_counter() - t) / int(n)), flush=True)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
-        serve(int(sys.argv[2]), int(sys.argv[3]))
+        serve(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6])
         sys.exit(0)
     for d, expected in EXPECTED_PARAMS.items():
         assert num_params(CifarResNet(d)) == expected

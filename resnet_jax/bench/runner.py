@@ -47,6 +47,15 @@ class BenchConfig:
     remat: str = "auto"  # "auto": remat for depth > 110 (memory), "on", "off"
     data_steps: int = 50
     run_compile_only: bool = False
+    # >0: also time the library's own train step (data resident on the devices, augmentation
+    # in the step) run `steps_per_call` steps per host call, as `resnet-jax train` runs it.
+    steps_per_call: int = 0
+    loop_calls: int = 2  # host calls per timed window of the loop rows
+
+
+def torch_device() -> str:
+    """Where the PyTorch twin runs: on the GPU when JAX runs on one, else on the CPU."""
+    return "cuda" if jax.default_backend() == "gpu" else "cpu"
 
 
 def _depth(name: str) -> int:
@@ -76,13 +85,15 @@ class TorchTwin:
     process's environment (GLIBC_TUNABLES included), so both run under the same settings.
     """
 
-    def __init__(self, name: str, batch_size: int):
+    def __init__(self, name: str, batch_size: int, *, device: str = "cpu",
+                 dtype: str = "float32"):
         path = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_resnet.py"
         if not path.exists():
             raise FileNotFoundError(f"--vs-torch needs {path} (run from a source checkout)")
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(
-            [sys.executable, str(path), "--serve", str(_depth(name)), str(batch_size)],
+            [sys.executable, str(path), "--serve", str(_depth(name)), str(batch_size), device,
+             dtype],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         if self._proc.stdout.readline().strip() != "ready":
             self._fail("could not start")
@@ -115,7 +126,7 @@ class _Compiled:
 
     def __init__(self, jitted, *args):
         t = time.perf_counter()
-        lowered = jitted.lower(*args)
+        self.lowered = lowered = jitted.lower(*args)
         self.lower_s = time.perf_counter() - t
         t = time.perf_counter()
         self.fn = lowered.compile()
@@ -124,13 +135,18 @@ class _Compiled:
 
 
 def _analysis(compiled: _Compiled, n_devices: int) -> dict[str, Any]:
-    flops = measure.cost_flops(compiled.fn)
+    # The lowered (whole-program, pre-partitioning) module's cost first: after GPU compilation
+    # convolutions are cuDNN custom calls that XLA's cost analysis does not count. The compiled
+    # analysis describes one device's share of the SPMD program.
+    flops = measure.cost_flops(compiled.lowered)
+    if not flops:
+        flops = measure.cost_flops(compiled.fn)
+        flops = flops * n_devices if flops else None
     return {
         "lower_s": compiled.lower_s,
         "compile_s": compiled.compile_s,
         "trace_and_compile_s": compiled.total_s,
-        # Cost analysis describes one device's share of the SPMD program.
-        "flops_per_step": flops * n_devices if flops else None,
+        "flops_per_step": flops,
         "xla_memory_per_device": measure.memory_analysis(compiled.fn),
     }
 
@@ -145,7 +161,10 @@ def bench_model(cfg: BenchConfig, name: str, dtype: str, mesh, peak: float) -> l
     train = _Compiled(make_train_step(state, mesh=mesh), state.params, state.batch_stats,
                       state.opt_state, x, y)
     evals = _Compiled(make_eval_step(state, mesh=mesh), state.params, state.batch_stats, x, y)
-    torch = TorchTwin(name, cfg.batch_size) if cfg.vs_torch and dtype == "float32" else None
+    torch = None
+    # bf16 twin (autocast) only on GPU: on CPU PyTorch's bf16 autocast is no fair baseline.
+    if cfg.vs_torch and (dtype == "float32" or torch_device() == "cuda"):
+        torch = TorchTwin(name, cfg.batch_size, device=torch_device(), dtype=dtype)
 
     carry = [state.params, state.batch_stats, state.opt_state]
 
@@ -189,6 +208,65 @@ def bench_model(cfg: BenchConfig, name: str, dtype: str, mesh, peak: float) -> l
     if torch:
         torch.close()
     return rows
+
+
+def bench_loop(cfg: BenchConfig, name: str, dtype: str, num_train: int = 45_000) -> dict:
+    """The library's train step as `resnet-jax train` runs it, on a synthetic resident dataset.
+
+    The paper preset for `name` (SGD, schedule, wd 1e-4, crop+flip on the device), the uint8
+    training split replicated on every device, `cfg.steps_per_call` steps per host call
+    (`lax.scan`), the state donated. Also projects the wall time of the paper's 64k iterations
+    (train steps only: evaluation and checkpoints excluded).
+    """
+    from resnet_jax.configs._paper import paper_config
+    from resnet_jax.data import AugmentConfig, DataSpec, replicate
+    from resnet_jax.data.preprocess import NormStats
+    from resnet_jax.train.loop import make_mesh as train_mesh
+    from resnet_jax.train.optim import make_optimizer, make_schedule
+    from resnet_jax.train.state import create_state, graphdefs
+    from resnet_jax.train.step import StepConfig, make_multi_step, make_train_step
+
+    family, depth = parse_name(name)[:2]
+    config = paper_config(family, depth)
+    config.model.dtype = dtype
+    config.model.scan_blocks = cfg.scan_blocks
+    config.model.remat = _remat(cfg, name)
+    config.train.batch_size = cfg.batch_size
+    t = config.train
+    mesh = train_mesh()
+    spec = DataSpec("synthetic", "random", 10, (32, 32, 3), tuple(map(str, range(10))),
+                    num_train, 0, 0)
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 256, (num_train, 32, 32, 3), np.uint8)
+    labels = rng.randint(0, 10, num_train).astype(np.int32)
+    stats = NormStats(np.full((32, 32, 3), 120.0, np.float32), np.full((3,), 64.0, np.float32))
+    data = replicate((images, labels, stats), mesh)
+    schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
+    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
+    train_def, _ = graphdefs(config, spec)
+    replicated = NamedSharding(mesh, P())
+    state = create_state(config, spec, tx, replicated)
+    step_cfg = StepConfig(t.batch_size, AugmentConfig.from_config(config.data))
+    step_fn = make_train_step(train_def, tx, schedule, step_cfg, mesh)
+    k = cfg.steps_per_call
+    block = _Compiled(jax.jit(make_multi_step(step_fn, k), donate_argnums=0,
+                              out_shardings=(replicated, None)), state, data)
+    carry = [state]
+
+    def call():
+        carry[0], metrics = block.fn(carry[0], data)
+        return metrics["loss"]
+
+    measure.time_window(call, 1)
+    times = [measure.time_window(call, cfg.loop_calls) / k for _ in range(cfg.windows)]
+    row = {"model": name, "dtype": dtype, "step": "loop", "batch_size": cfg.batch_size,
+           "devices": mesh.size, "steps_per_call": k, "scan_blocks": cfg.scan_blocks,
+           "remat": config.model.remat, **measure.summarize(times, cfg.batch_size),
+           "trace_and_compile_s": block.total_s, "step_s_windows": times,
+           "paper_steps": t.num_steps}
+    row["projected_paper_run_s"] = row["step_s_median"] * t.num_steps
+    row["device_peak_memory_bytes"] = measure.device_peak_memory_bytes()
+    return row
 
 
 def bench_compile_only(cfg: BenchConfig, name: str, mesh) -> dict:
@@ -256,6 +334,12 @@ def run(cfg: BenchConfig) -> dict:
         for dtype in cfg.dtypes:
             print(f"[bench] {name} {dtype} ...", file=sys.stderr, flush=True)
             rows.extend(bench_model(cfg, name, dtype, mesh, max(peaks)))
+    loop_rows = []
+    if cfg.steps_per_call > 0:
+        for name in cfg.models:
+            for dtype in cfg.dtypes:
+                print(f"[bench] loop {name} {dtype} ...", file=sys.stderr, flush=True)
+                loop_rows.append(bench_loop(cfg, name, dtype))
     peaks.append(measure.matmul_peak_flops())
     print("[bench] data pipeline ...", file=sys.stderr, flush=True)
     data = bench_data(cfg, mesh)
@@ -285,5 +369,6 @@ def run(cfg: BenchConfig) -> dict:
         "config": dataclasses.asdict(cfg),
         "rows": rows,
         "compile_only": compile_rows,
+        "loop": loop_rows,
         "data_pipeline": data,
     }
