@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-steps", type=int, default=5, help="train steps per window")
     ap.add_argument("--eval-steps", type=int, default=10, help="eval steps per window")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the windows")
-    ap.add_argument("--data-steps", type=int, default=50, help="data-pipeline steps per window")
+    ap.add_argument("--data-steps", type=int, default=50,
+                    help="batches per window of the data-only loop (built in one call)")
     ap.add_argument("--scan-blocks", action="store_true",
                     help="time scanned stages (default unrolled; compile-only models always scan)")
     ap.add_argument("--remat", choices=("auto", "on", "off"), default="auto",
