@@ -11,7 +11,13 @@ from conftest import tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax.config import ConfigError, apply_overrides, default_config, get_preset
+from resnet_jax.config import (
+    ConfigError,
+    apply_overrides,
+    default_config,
+    get_preset,
+    resolve_steps_per_call,
+)
 from resnet_jax.data import AugmentConfig, replicate
 from resnet_jax.train import (
     Checkpointer,
@@ -237,3 +243,15 @@ def test_float16_dynamic_loss_scale_skips_overflow_and_halves(sample_dataset):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
     assert int(state.step) == 12
+
+
+def test_auto_steps_per_call_is_one_on_cpu_and_divides_the_intervals_elsewhere():
+    paper = get_preset("cifar10_resnet20").train  # log 100, eval and checkpoint every 2000
+    assert paper.steps_per_call == 0  # auto by default
+    assert resolve_steps_per_call(paper, "cpu") == 1
+    assert resolve_steps_per_call(paper, "gpu") == 100
+    assert resolve_steps_per_call(get_preset("quick").train, "tpu") == 20  # 20 / 100 / 100
+    assert resolve_steps_per_call(get_preset("mini").train, "gpu") == 5  # 10 / 50 / 25
+    paper.steps_per_call = 7
+    assert resolve_steps_per_call(paper, "gpu") == 7  # an explicit value wins everywhere
+    assert resolve_steps_per_call(paper, "cpu") == 7

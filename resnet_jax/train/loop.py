@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax.config import ConfigError, load_run_config, validate
+from resnet_jax.config import ConfigError, load_run_config, resolve_steps_per_call, validate
 from resnet_jax.data import AugmentConfig, Dataset, load_dataset, replicate
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
@@ -162,6 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     """
     workdir = Path(workdir).absolute()
     mesh = make_mesh()
+    config = config.copy_and_resolve_references()  # the caller's config stays as it was
+    config.train.steps_per_call = resolve_steps_per_call(config.train, jax.default_backend())
     validate(config, num_devices=mesh.size)
     _check_workdir(workdir)
     if not allow_config_change:
