@@ -12,7 +12,7 @@ Starts from the `quick` preset with the given overrides. Prints `MARK <event> <s
   done N                  the run finished at step N
 Test hooks, read from the environment (the library itself has none):
   RESNET_JAX_TEST_FINALIZE_DELAY  STEP:SECONDS, sleep before committing STEP (a kill lands there)
-  RESNET_JAX_TEST_LOG_PAUSE       seconds to sleep after each logged train record
+  RESNET_JAX_TEST_LOG_PAUSE       STEP:SECONDS, sleep after logging the train record of STEP
   RESNET_JAX_TEST_CACHE           a persistent XLA compilation cache directory (faster restarts)
 Multi-process runs set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 """
@@ -39,7 +39,8 @@ def install_hooks() -> None:
     # "STEP:SECONDS": only the commit of that step waits.
     delay_step, _, delay = os.environ.get("RESNET_JAX_TEST_FINALIZE_DELAY", ":0").partition(":")
     delay = float(delay)
-    pause = float(os.environ.get("RESNET_JAX_TEST_LOG_PAUSE", "0"))
+    pause_step, _, pause = os.environ.get("RESNET_JAX_TEST_LOG_PAUSE", ":0").partition(":")
+    pause = float(pause)
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
     async def slow_finalize(self):
@@ -72,7 +73,7 @@ def install_hooks() -> None:
             super().write(step, split, metrics)
             if split == "train":
                 mark("logged", step)
-                if pause:
+                if pause and str(step) == pause_step:
                     time.sleep(pause)
 
     loop.Checkpointer = MarkedCheckpointer

@@ -175,7 +175,7 @@ def test_sigkill_at_five_points_resumes_bitwise_exact(tmp_path):
     assert history[-1][1] == 4  # the half-saved step 8 is not listed: restart from 4
 
     # (3) Between steps: the process sleeps after logging step 10.
-    p = restart(RESNET_JAX_TEST_LOG_PAUSE="60")
+    p = restart(RESNET_JAX_TEST_LOG_PAUSE="10:60")
     resumes_from_last_complete(p)
     p.wait_for("MARK logged 10")
     killed(p, "between steps 10 and 11")
