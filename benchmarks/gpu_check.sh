@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's GPU check, run once on a lent GPU machine (one prepared script, ~7 min):
+# Issue 8's GPU check: one prepared script for a lent GPU machine (~9 min; timeout_s=600):
 # versions, a preflight of the library on the image's jax, then `scripts/bench.py` for
 # ResNet-20/56/110 (ours vs the PyTorch twin on the same GPU, f32 and bf16; the library's train
 # step with data on the device and 100 steps per host call, projecting the paper's 64k steps),
@@ -55,14 +55,15 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   A=(--models resnet20,resnet56 --windows 5 --train-steps 50 --eval-steps 50 --warmup 5
      --steps-per-call 100 --loop-calls 2)
-  # float32 only: with bf16 too (and 100 steps per call) this part outran 240 s on 2026-11-30.
+  # 50 steps per call and 3 windows: with 100 and 5 this part outran 240 s on 2026-11-30 (the
+  # float32 half then took 138 s).
   B=(--models resnet110 --windows 3 --train-steps 10 --eval-steps 10 --warmup 2
      --steps-per-call 50 --loop-calls 1 --data-steps 20 --compile-only-models resnet110,resnet1202)
   QUICK=()
 fi
 run 240 $PY scripts/bench.py --batch-size 128 --dtypes float32,bfloat16 --vs-torch "${A[@]}" \
   --json "$OUT/bench_gpu_a.json"
-run 100 $PY -m resnet_jax.train --config quick --workdir /tmp/gpu_quick "${QUICK[@]}"
-run 240 $PY scripts/bench.py --batch-size 128 --dtypes float32 --vs-torch "${B[@]}" \
+run 60 $PY -m resnet_jax.train --config quick --workdir /tmp/gpu_quick "${QUICK[@]}"
+run 290 $PY scripts/bench.py --batch-size 128 --dtypes float32,bfloat16 --vs-torch "${B[@]}" \
   --json "$OUT/bench_gpu_b.json"
 say "done"
