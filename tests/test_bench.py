@@ -46,3 +46,16 @@ def test_report_projects_the_paper_run_from_the_loop_rows():
     assert line.split()[:4] == ["resnet20", "float32", "100", "7.5"]
     assert "51200" in line  # images/s at the median step
     assert "2.7 min (0.04 h)" in line  # 64k steps at 2.5 ms
+
+
+def test_loop_rows_time_the_library_step_and_project_the_paper_run():
+    from resnet_jax.bench.runner import BenchConfig, bench_loop
+
+    cfg = BenchConfig(models=["resnet8"], compile_only_models=[], batch_size=16, windows=2,
+                      steps_per_call=3, loop_calls=1)
+    row = bench_loop(cfg, "resnet8", "float32", num_train=64)
+    assert (row["step"], row["steps_per_call"], row["devices"]) == ("loop", 3, len(jax.devices()))
+    assert len(row["step_s_windows"]) == 2 and row["step_s_min"] > 0
+    assert row["paper_steps"] == 64_000  # the paper's recipe, from the cifar10 preset
+    assert row["projected_paper_run_s"] == row["step_s_median"] * 64_000
+    assert np.isclose(row["images_per_s"], 16 / row["step_s_median"])
