@@ -237,8 +237,8 @@ def resolve_steps_per_call(train: ml_collections.ConfigDict, backend: str) -> in
     number of steps up to AUTO_STEPS_PER_CALL that divides log_every, eval_every and
     checkpoint_every, so logs, evaluations and checkpoints still fall on block boundaries.
     """
-    if train.steps_per_call > 0:
-        return int(train.steps_per_call)
+    if train.steps_per_call != 0:
+        return train.steps_per_call  # as given (`validate` rejects a bad value)
     if backend == "cpu":
         return 1
     g = math.gcd(train.log_every, train.eval_every, train.checkpoint_every)

@@ -219,12 +219,12 @@ def bench_loop(cfg: BenchConfig, name: str, dtype: str, num_train: int = 45_000)
     (train steps only: evaluation and checkpoints excluded).
     """
     from resnet_jax.configs._paper import paper_config
-    from resnet_jax.data import AugmentConfig, DataSpec, replicate
+    from resnet_jax.data import DataSpec, replicate
     from resnet_jax.data.preprocess import NormStats
+    from resnet_jax.train.loop import jit_train_block
     from resnet_jax.train.loop import make_mesh as train_mesh
     from resnet_jax.train.optim import make_optimizer, make_schedule
     from resnet_jax.train.state import create_state, graphdefs
-    from resnet_jax.train.step import StepConfig, make_multi_step, make_train_step
 
     family, depth = parse_name(name)[:2]
     config = paper_config(family, depth)
@@ -244,13 +244,9 @@ def bench_loop(cfg: BenchConfig, name: str, dtype: str, num_train: int = 45_000)
     schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
     tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
     train_def, _ = graphdefs(config, spec)
-    replicated = NamedSharding(mesh, P())
-    state = create_state(config, spec, tx, replicated)
-    step_cfg = StepConfig(t.batch_size, AugmentConfig.from_config(config.data))
-    step_fn = make_train_step(train_def, tx, schedule, step_cfg, mesh)
+    state = create_state(config, spec, tx, NamedSharding(mesh, P()))
     k = cfg.steps_per_call
-    block = _Compiled(jax.jit(make_multi_step(step_fn, k), donate_argnums=0,
-                              out_shardings=(replicated, None)), state, data)
+    block = _Compiled(jit_train_block(config, train_def, tx, schedule, mesh, k), state, data)
     carry = [state]
 
     def call():
