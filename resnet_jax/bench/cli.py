@@ -43,9 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="time scanned stages (default unrolled; compile-only models always scan)")
     ap.add_argument("--remat", choices=("auto", "on", "off"), default="auto",
                     help="rematerialise each block in the backward pass (auto: depth > 110)")
-    ap.add_argument("--steps-per-call", type=int, default=0,
+    ap.add_argument("--steps-per-call", type=int, default=None,
                     help="also time the library's train step with data on the devices, K steps "
-                    "per host call (lax.scan), and project the paper's 64k-step run (0: off)")
+                    "per host call (lax.scan), and project the paper's 64k-step run (0: off; "
+                    "default: 100 on GPU/TPU, off on CPU)")
     ap.add_argument("--loop-calls", type=int, default=2,
                     help="host calls per timed window of the --steps-per-call rows")
     ap.add_argument("--cpu-devices", type=int, default=None,

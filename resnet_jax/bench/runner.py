@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax.bench import measure
 from resnet_jax.bench.step import build_state, make_eval_step, make_mesh, make_train_step
+from resnet_jax.config import AUTO_STEPS_PER_CALL
 from resnet_jax.models import parse_name
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -49,7 +50,8 @@ class BenchConfig:
     run_compile_only: bool = False
     # >0: also time the library's own train step (data resident on the devices, augmentation
     # in the step) run `steps_per_call` steps per host call, as `resnet-jax train` runs it.
-    steps_per_call: int = 0
+    # None: AUTO_STEPS_PER_CALL on GPU/TPU, off on CPU (as the training loop's auto).
+    steps_per_call: int | None = None
     loop_calls: int = 2  # host calls per timed window of the loop rows
 
 
@@ -341,6 +343,9 @@ def run(cfg: BenchConfig) -> dict:
             print(f"[bench] {name} {dtype} ...", file=sys.stderr, flush=True)
             rows.extend(bench_model(cfg, name, dtype, mesh, max(peaks)))
     loop_rows = []
+    if cfg.steps_per_call is None:
+        cfg = dataclasses.replace(
+            cfg, steps_per_call=0 if jax.default_backend() == "cpu" else AUTO_STEPS_PER_CALL)
     if cfg.steps_per_call > 0:
         for name in cfg.models:
             for dtype in cfg.dtypes:
