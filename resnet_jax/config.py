@@ -236,9 +236,10 @@ def resolve_steps_per_call(train: ml_collections.ConfigDict, backend: str) -> in
     Auto is 1 on CPU, where a step takes far longer than its dispatch; elsewhere the largest
     number of steps up to AUTO_STEPS_PER_CALL that divides log_every, eval_every and
     checkpoint_every, so logs, evaluations and checkpoints still fall on block boundaries.
+    Call it on a validated config (positive integer intervals).
     """
-    if train.steps_per_call != 0:
-        return train.steps_per_call  # as given (`validate` rejects a bad value)
+    if train.steps_per_call:
+        return train.steps_per_call
     if backend == "cpu":
         return 1
     g = math.gcd(train.log_every, train.eval_every, train.checkpoint_every)

@@ -178,9 +178,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     """
     workdir = Path(workdir).absolute()
     mesh = make_mesh()
+    validate(config, num_devices=mesh.size)
+    # Validated first, so a bad interval is a ConfigError; auto then divides the intervals.
     config = config.copy_and_resolve_references()  # the caller's config stays as it was
     config.train.steps_per_call = resolve_steps_per_call(config.train, jax.default_backend())
-    validate(config, num_devices=mesh.size)
     _check_workdir(workdir)
     if not allow_config_change:
         check_resume_compatible(workdir, config)
