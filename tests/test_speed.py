@@ -225,6 +225,35 @@ def test_closed_form_batch_norm_matches_nnx_batch_norm(dtype):
     np.testing.assert_array_equal(np.float32(ours(x)), np.float32(ref(x)))
 
 
+@pytest.mark.parametrize("shift", [10.0, 100.0])
+def test_batch_norm_backward_keeps_float32_accuracy_far_from_zero_mean(shift):
+    # dscale = inv * (sum(g * x) - mean * sum(g)) cancels when |mean| >> sigma; against a
+    # float64 evaluation of the textbook sum(g * xhat) it must stay at float32 accuracy.
+    from resnet_jax.models.batch_norm import normalize
+
+    rng = np.random.RandomState(0)
+    x = (rng.randn(64, 16, 16, 8) + shift).astype(np.float32)
+    g = (rng.randn(*x.shape) + 0.1 * (x - shift)).astype(np.float32)
+    axes = (0, 1, 2)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axes)
+    inv = 1.0 / np.sqrt(x64.var(axes) + 1e-5)
+    scale = np.linspace(0.5, 2.0, 8)
+    xhat = (x64 - mean) * inv
+    n = x.size // 8
+    dscale = (g * xhat).sum(axes)
+    dx = scale * inv * (g - g.sum(axes, dtype=np.float64) / n - xhat * dscale / n)
+
+    def f(x, s, b):
+        return normalize(x, jnp.float32(mean), jnp.float32(inv), s, b, axes)
+
+    _, pullback = jax.vjp(f, jnp.asarray(x), jnp.float32(scale), jnp.zeros(8, jnp.float32))
+    gx, gs, gb = pullback(jnp.asarray(g))
+    assert np.abs(np.asarray(gs) - dscale).max() < 1e-5 * np.abs(dscale).max()
+    assert np.abs(np.asarray(gx) - dx).max() < 1e-5 * np.abs(dx).max()
+    np.testing.assert_allclose(np.asarray(gb), g.sum(axes, dtype=np.float64), rtol=1e-5)
+
+
 def test_materialize_is_a_bitwise_identity_that_survives_xla():
     from resnet_jax.models.layers import materialize
 
