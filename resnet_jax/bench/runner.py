@@ -42,8 +42,8 @@ class BenchConfig:
     train_steps: int = 5
     eval_steps: int = 10
     warmup: int = 2
-    # Timed models run unrolled stages: on XLA:CPU a scanned stage currently runs far slower
-    # (docs/performance.md). Compile-only models are always scanned (flat compile time).
+    # Timed models run unrolled stages: on XLA:CPU a scanned stage runs slower (ResNet-56: 0.86x,
+    # paired; docs/performance.md). Compile-only models are always scanned (flat compile time).
     scan_blocks: bool = False
     remat: str = "auto"  # "auto": remat for depth > 110 (memory), "on", "off"
     data_steps: int = 50
