@@ -51,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
             "bn_group_size": 0,  # 0: BN statistics over the global batch; 64: the paper's per-GPU
             "scan_blocks": False,  # one scanned block per stage: compile time flat in depth
             "remat": False,
+            # Convolutions: "auto" (oneDNN's direct kernels on a one-device CPU run, else XLA's),
+            # "xla" or "onednn" (resnet_jax/kernels/onednn_conv.py). Same values either way.
+            "conv_impl": "auto",
         }
     )
     c.data = default_data_config()
@@ -253,6 +256,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(m.shortcut in ("", *SHORTCUTS), "model.shortcut", m.shortcut,
            f"choose one of {('', *SHORTCUTS)} ('' = the family's default)")
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {DTYPES}")
+    from resnet_jax.models.resnet import CONV_IMPLS
+
+    _check(m.get("conv_impl", "auto") in CONV_IMPLS, "model.conv_impl", m.get("conv_impl"),
+           f"choose one of {CONV_IMPLS}")
     g = m.bn_group_size
     _check(isinstance(g, int) and g >= 0 and (g == 0 or config.train.batch_size % g == 0),
            "model.bn_group_size", g,

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "default: 100 on GPU/TPU, off on CPU)")
     ap.add_argument("--loop-calls", type=int, default=2,
                     help="host calls per timed window of the --steps-per-call rows")
+    ap.add_argument("--conv-impl", choices=("auto", "xla", "onednn"), default="auto",
+                    help="the models' convolutions (auto: oneDNN's on a one-device CPU run)")
     ap.add_argument("--cpu-devices", type=int, default=None,
                     help="simulated host devices on CPU (default: resnet_jax.platform's choice)")
     ap.add_argument("--no-cpu-flags", action="store_true",
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup, scan_blocks=args.scan_blocks, remat=args.remat,
         data_steps=args.data_steps, run_compile_only=args.run_compile_only,
         steps_per_call=args.steps_per_call, loop_calls=args.loop_calls,
+        conv_impl=args.conv_impl,
     )
     report = run(cfg)
     print(format_report(report))

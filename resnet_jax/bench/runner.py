@@ -53,6 +53,7 @@ class BenchConfig:
     # None: AUTO_STEPS_PER_CALL on GPU/TPU, off on CPU (as the training loop's auto).
     steps_per_call: int | None = None
     loop_calls: int = 2  # host calls per timed window of the loop rows
+    conv_impl: str = "auto"  # the models' convolutions: "auto", "xla" or "onednn"
 
 
 def torch_device() -> str:
@@ -136,11 +137,12 @@ class _Compiled:
         self.total_s = self.lower_s + self.compile_s
 
 
-def _analysis(compiled: _Compiled, n_devices: int) -> dict[str, Any]:
+def _analysis(compiled: _Compiled, n_devices: int, flops_from=None) -> dict[str, Any]:
     # The lowered (whole-program, pre-partitioning) module's cost first: after GPU compilation
     # convolutions are cuDNN custom calls that XLA's cost analysis does not count. The compiled
-    # analysis describes one device's share of the SPMD program.
-    flops = measure.cost_flops(compiled.lowered)
+    # analysis describes one device's share of the SPMD program. oneDNN's convolutions are
+    # custom calls from the start: `flops_from` is then the same step lowered with XLA's.
+    flops = measure.cost_flops(flops_from if flops_from is not None else compiled.lowered)
     if not flops:
         flops = measure.cost_flops(compiled.fn)
         flops = flops * n_devices if flops else None
@@ -158,11 +160,18 @@ def bench_model(cfg: BenchConfig, name: str, dtype: str, mesh, peak: float) -> l
     n_dev = 1 if mesh is None else mesh.size
     remat = _remat(cfg, name)
     state = build_state(name, dtype=DTYPES[dtype], scan_blocks=cfg.scan_blocks, remat=remat,
-                        mesh=mesh)
+                        mesh=mesh, conv_impl=cfg.conv_impl)
     x, y = _batch(mesh, cfg.batch_size)
     train = _Compiled(make_train_step(state, mesh=mesh), state.params, state.batch_stats,
                       state.opt_state, x, y)
     evals = _Compiled(make_eval_step(state, mesh=mesh), state.params, state.batch_stats, x, y)
+    xla_lowered = {}
+    if state.uses_onednn:  # for FLOPs only: the same steps lowered (not compiled) with XLA's
+        xs = build_state(name, dtype=DTYPES[dtype], scan_blocks=cfg.scan_blocks, remat=remat,
+                         mesh=mesh, conv_impl="xla")
+        xla_lowered["train"] = make_train_step(xs, mesh=mesh).lower(
+            xs.params, xs.batch_stats, xs.opt_state, x, y)
+        xla_lowered["eval"] = make_eval_step(xs, mesh=mesh).lower(xs.params, xs.batch_stats, x, y)
     torch = None
     # bf16 twin (autocast) only on GPU: on CPU PyTorch's bf16 autocast is no fair baseline.
     if cfg.vs_torch and (dtype == "float32" or torch_device() == "cuda"):
@@ -193,7 +202,9 @@ def bench_model(cfg: BenchConfig, name: str, dtype: str, mesh, peak: float) -> l
         compiled = train if kind == "train" else evals
         row = {"model": name, "dtype": dtype, "step": kind, "batch_size": cfg.batch_size,
                "devices": n_dev, "scan_blocks": cfg.scan_blocks, "remat": remat,
-               **measure.summarize(ours, cfg.batch_size), **_analysis(compiled, n_dev),
+               "conv_impl": "onednn" if state.uses_onednn else "xla",
+               **measure.summarize(ours, cfg.batch_size),
+               **_analysis(compiled, n_dev, xla_lowered.get(kind)),
                "step_s_windows": ours}
         if row["flops_per_step"]:
             row["achieved_flops"] = row["flops_per_step"] / row["step_s_median"]
@@ -232,6 +243,7 @@ def bench_loop(cfg: BenchConfig, name: str, dtype: str, num_train: int = 45_000)
     config = paper_config(family, depth)
     config.model.dtype = dtype
     config.model.scan_blocks = cfg.scan_blocks
+    config.model.conv_impl = cfg.conv_impl
     config.model.remat = _remat(cfg, name)
     config.train.batch_size = cfg.batch_size
     t = config.train
@@ -272,7 +284,7 @@ def bench_compile_only(cfg: BenchConfig, name: str, mesh) -> dict:
     n_dev = 1 if mesh is None else mesh.size
     remat = _remat(cfg, name)
     t = time.perf_counter()
-    state = build_state(name, scan_blocks=True, remat=remat, mesh=mesh)
+    state = build_state(name, scan_blocks=True, remat=remat, mesh=mesh, conv_impl=cfg.conv_impl)
     init_s = time.perf_counter() - t
     x, y = _batch(mesh, cfg.batch_size)
     train = _Compiled(make_train_step(state, mesh=mesh), state.params, state.batch_stats,

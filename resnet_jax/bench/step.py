@@ -32,6 +32,7 @@ class BenchState:
     batch_stats: Any
     opt_state: Any
     tx: optax.GradientTransformation
+    uses_onednn: bool = False  # the model's convolutions are oneDNN custom calls
 
 
 def build_state(
@@ -43,11 +44,13 @@ def build_state(
     seed: int = 0,
     mesh: Mesh | None = None,
     learning_rate: float = 0.1,
+    conv_impl: str = "auto",
 ) -> BenchState:
     """Initialises `name` under jit (eager NNX init is slow), replicated on `mesh` if given."""
 
     def make() -> nnx.Module:
-        return models.create(name, dtype=dtype, scan_blocks=scan_blocks, remat=remat, seed=seed)
+        return models.create(name, dtype=dtype, scan_blocks=scan_blocks, remat=remat, seed=seed,
+                             conv_impl=conv_impl)
 
     abstract = nnx.eval_shape(make)
     abstract.train()
@@ -62,7 +65,7 @@ def build_state(
 
     out_shardings = NamedSharding(mesh, P()) if mesh is not None else None
     params, stats, opt_state = jax.jit(init, out_shardings=out_shardings)()
-    return BenchState(train_def, eval_def, params, stats, opt_state, tx)
+    return BenchState(train_def, eval_def, params, stats, opt_state, tx, abstract.uses_onednn())
 
 
 def _loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

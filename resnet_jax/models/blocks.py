@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from resnet_jax.kernels.onednn_conv import from_blocked
 from resnet_jax.models.layers import LayerFactory, materialize, option_a_shortcut
 
 SHORTCUTS = ("A", "B", "C", "none")
@@ -69,7 +70,7 @@ class _Block(nnx.Module):
 
     def _record(self, name: str, y: jax.Array) -> jax.Array:
         if self.record_responses:
-            self.sow(nnx.Intermediate, name, y)
+            self.sow(nnx.Intermediate, name, from_blocked(y) if y.ndim == 5 else y)
         return y
 
 

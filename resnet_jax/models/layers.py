@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resnet_jax.kernels import onednn_conv
 from resnet_jax.models.batch_norm import BatchNorm
 
 # He et al. 2015 ("Delving deep into rectifiers"): zero-mean Gaussian, std = sqrt(2 / fan_in).
@@ -186,6 +187,37 @@ def cpu_conv_general_dilated(*args: Any, **kwargs: Any) -> jax.Array:
     return jax.lax.conv_general_dilated(*args, **kwargs)
 
 
+class Conv(nnx.Conv):
+    """`nnx.Conv` (same parameters and checkpoints) that also takes oneDNN's blocked layout.
+
+    A 5-D input is a batch of activations in the layout `(N, C/8, H, W, 8)` that a ResNet uses
+    with `conv_impl="onednn"` (`resnet_jax.kernels.onednn_conv`): oneDNN convolves it directly.
+    Anything else is `nnx.Conv` unchanged.
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if inputs.ndim != 5:
+            return super().__call__(inputs)
+        return onednn_conv.conv2d(inputs, self.kernel[...], self._stride(), self._padding())
+
+    def image_to_blocked(self, images: jax.Array) -> jax.Array:
+        """The first layer on NHWC images, returning blocked activations (oneDNN path)."""
+        return onednn_conv.conv2d(images.transpose(0, 3, 1, 2), self.kernel[...],
+                                  self._stride(), self._padding())
+
+    def _stride(self) -> int:
+        strides = self.strides if isinstance(self.strides, Sequence) else (self.strides,) * 2
+        if len(set(strides)) != 1:
+            raise ValueError(f"oneDNN path: unequal strides {strides} are not supported")
+        return int(strides[0])
+
+    def _padding(self) -> tuple[int, int, int, int]:
+        if isinstance(self.padding, str):
+            raise ValueError(f"oneDNN path: padding={self.padding!r}; give explicit pads")
+        (pt, pb), (pl, pr) = self.padding
+        return (pt, pb, pl, pr)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerFactory:
     """Builds the convolutions and norms of one network with shared dtype and BN settings.
@@ -210,11 +242,11 @@ class LayerFactory:
 
     def conv(
         self, in_features: int, out_features: int, kernel: int, strides: int, *, rngs: nnx.Rngs
-    ) -> nnx.Conv:
+    ) -> Conv:
         """A bias-free convolution (a BN always follows, so a bias would be redundant)."""
         # Explicit symmetric padding: 'SAME' pads stride-2 convs asymmetrically, unlike the paper.
         pad = (kernel - 1) // 2
-        return nnx.Conv(
+        return Conv(
             in_features,
             out_features,
             (kernel, kernel),
@@ -262,7 +294,16 @@ def option_a_shortcut(x: jax.Array, out_features: int, strides: int) -> jax.Arra
     """He et al. 2015's option A shortcut: identity, subsampled by `strides`, zero-padded channels.
 
     It adds no parameters, which is why a residual net and its plain twin have equal size.
+    `x` is NHWC, or blocked (N, C/8, H, W, 8) on the oneDNN path: the new channels are then
+    whole blocks of zeros, in the same order.
     """
+    if x.ndim == 5:
+        if strides > 1:
+            x = x[:, :, ::strides, ::strides, :]
+        extra = out_features - x.shape[1] * x.shape[-1]
+        if extra > 0:
+            x = jnp.pad(x, ((0, 0), (0, extra // x.shape[-1]), (0, 0), (0, 0), (0, 0)))
+        return x
     if strides > 1:
         x = x[:, ::strides, ::strides, :]
     extra = out_features - x.shape[-1]

@@ -16,16 +16,24 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax.config import ConfigError, load_run_config, resolve_steps_per_call, validate
 from resnet_jax.data import AugmentConfig, Dataset, load_dataset, replicate
+from resnet_jax.kernels import onednn_conv
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.logger import MetricsLogger
 from resnet_jax.train.optim import make_optimizer, make_schedule
-from resnet_jax.train.state import TrainState, abstract_state, create_state, graphdefs
+from resnet_jax.train.state import (
+    TrainState,
+    abstract_state,
+    create_state,
+    graphdefs,
+    model_from_config,
+)
 from resnet_jax.train.step import StepConfig, make_eval_step, make_multi_step, make_train_step
 
 # Keys a resumed run may change: they affect logging and bookkeeping, not the trajectory.
@@ -33,6 +41,7 @@ RESUMABLE_CHANGES = {
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.eval_splits", "train.checkpoint_every", "train.keep_checkpoints",
     "train.async_checkpoints", "train.steps_per_call", "data.data_dir", "data.source",
+    "model.conv_impl",  # the same maths by another kernel library
 }
 
 
@@ -111,6 +120,17 @@ def check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) ->
             f"workdir {workdir} holds a run with a different config ({shown}). Use another "
             "--workdir, or pass --allow-config-change to resume it with the new values."
         )
+
+
+def _conv_impl(config: ml_collections.ConfigDict, spec) -> str:
+    """Which convolutions the run's train step uses: "onednn" or "xla" (see ResNet)."""
+    return "onednn" if nnx.eval_shape(lambda: model_from_config(config, spec)).uses_onednn() \
+        else "xla"
+
+
+def _onednn_would_help(config: ml_collections.ConfigDict, mesh) -> bool:
+    return (config.model.conv_impl == "auto" and jax.default_backend() == "cpu"
+            and mesh.size == 1 and not onednn_conv.available())
 
 
 def library_versions() -> dict:
@@ -202,12 +222,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         else:
             state = create_state(config, ds.spec, tx, replicated)
         start = int(state.step)
+        conv_impl = _conv_impl(config, ds.spec)
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
-            (workdir / "versions.json").write_text(json.dumps(library_versions(), indent=2))
+            (workdir / "versions.json").write_text(
+                json.dumps({**library_versions(), "conv_impl": conv_impl}, indent=2))
         logger = MetricsLogger(workdir, t.num_steps, start, t.batch_size, interactive)
         if start:
             logger.message(f"Resumed {workdir} from step {start}.")
+        if conv_impl == "xla" and _onednn_would_help(config, mesh):
+            logger.message(f"oneDNN unavailable ({onednn_conv.unavailable_reason()}): XLA's "
+                           "convolutions, slower on CPU.")
         data = replicate((ds.train_images, ds.train_labels, ds.stats), mesh)
         run_block = jit_train_block(config, train_def, tx, schedule, mesh, t.steps_per_call)
         run_one = jit_train_block(config, train_def, tx, schedule, mesh, 1)

@@ -57,6 +57,7 @@ def model_from_config(config: ml_collections.ConfigDict, spec: DataSpec,
         bn_group_size=m.bn_group_size,
         scan_blocks=m.scan_blocks,
         remat=m.remat,
+        conv_impl=m.get("conv_impl", "auto"),
     )
 
 

@@ -1,0 +1,1 @@
+"""Hand-picked CPU kernels that XLA lacks (optional; the models fall back to XLA without them)."""
