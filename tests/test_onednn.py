@@ -90,7 +90,15 @@ def _train_and_eval(name: str, conv_impl: str, x, y, **kwargs):
         jax.value_and_grad(loss_fn, has_aux=True))(params, stats)
     m = nnx.merge(graphdef, params, new_stats)
     m.eval()
-    eval_logits, feats = jax.jit(lambda m: m(x, return_features=True))(m)
+    m.set_attributes(record_responses=True)
+
+    def evaluate(m):
+        eval_logits, feats = m(x, return_features=True)
+        # The paper's Fig. 7 quantity, as the ablation analysis reads it.
+        feats["response1"] = m.stages[1].first.response1.get_value()[0]
+        return eval_logits, feats
+
+    eval_logits, feats = jax.jit(evaluate)(m)
     return loss, logits, grads, new_stats, eval_logits, feats
 
 
@@ -102,9 +110,10 @@ def batch():
 
 
 @needs_onednn
-@pytest.mark.parametrize("name,kwargs", [("resnet8", {}), ("preact_resnet8", {}),
-                                         ("resnet8", {"scan_blocks": True}),
-                                         ("resnet8", {"shortcut": "B"})])
+@pytest.mark.parametrize("name,kwargs", [
+    ("resnet8", {}),  # option A shortcuts, unrolled stages
+    ("preact_resnet8", {"scan_blocks": True, "shortcut": "B"}),  # projections, scanned stages
+])
 def test_model_matches_xla(batch, name, kwargs):
     x, y = batch
     xla = _train_and_eval(name, "xla", x, y, **kwargs)
@@ -114,27 +123,17 @@ def test_model_matches_xla(batch, name, kwargs):
     for what, a, b in (("grads", ours[2], xla[2]), ("stats", ours[3], xla[3])):
         la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
         assert len(la) == len(lb) > 0
-        worst = max(_rel(u, v) for u, v in zip(la, lb, strict=True))
+        # Relative per leaf, but a leaf whose true value is ~0 (a projection BN's bias before
+        # the next BN: 4e-9 on both paths) is measured against the largest leaf instead.
+        floor = 1e-3 * max(float(jnp.max(jnp.abs(v))) for v in lb)
+        worst = max(float(jnp.max(jnp.abs(u - v))) / max(float(jnp.max(jnp.abs(v))), floor)
+                    for u, v in zip(la, lb, strict=True))
         assert worst < 1e-4, (what, worst)
     assert _rel(ours[4], xla[4]) < 1e-5
-    for key in xla[5]:  # features come back NHWC on both paths
+    assert xla[5]["response1"].shape == (16, 16, 16, 32)
+    for key in xla[5]:  # features and layer responses come back NHWC on both paths
         assert ours[5][key].shape == xla[5][key].shape
         assert _rel(ours[5][key], xla[5][key]) < 1e-5
-
-
-@needs_onednn
-def test_layer_responses_are_nhwc_on_both_paths(batch):
-    x, _ = batch
-    out = {}
-    for impl in ("xla", "onednn"):
-        m = models.create("resnet8", conv_impl=impl, seed=0)
-        m.eval()
-        m.set_attributes(record_responses=True)
-        m(x)
-        block = m.stages[1].first
-        out[impl] = block.response1.get_value()[0]
-    assert out["onednn"].shape == out["xla"].shape == (16, 16, 16, 32)
-    assert _rel(out["onednn"], out["xla"]) < 1e-5
 
 
 def test_auto_choice_and_bad_values():
