@@ -165,3 +165,26 @@ def test_missing_library_falls_back(monkeypatch, tmp_path):
         monkeypatch.delenv(onednn_conv.ENV_LIBRARY)
         onednn_conv._load.cache_clear()
     assert onednn_conv.available() == (onednn_conv._library_path() is not None)
+
+
+def test_ffi_ctypes_target_runs_and_reports_errors():
+    """The ctypes FFI plumbing on its own: a copy kernel, and an error that reaches jax."""
+    import ctypes
+
+    from resnet_jax.kernels import ffi_ctypes
+
+    def copy(out: int, ins: list[int]) -> None:
+        ctypes.memmove(out, ins[0], 4 * 6)
+
+    def fail(out: int, ins: list[int]) -> str:
+        return "bad shape 7; valid: 6"
+
+    for name, fn in (("test_copy", copy), ("test_fail", fail)):
+        if not ffi_ctypes.registered(name):
+            ffi_ctypes.register_cpu_target(name, fn)
+    x = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)
+    call = jax.ffi.ffi_call("test_copy", jax.ShapeDtypeStruct(x.shape, x.dtype))
+    np.testing.assert_array_equal(jax.jit(lambda v: call(v * 2))(x), x * 2)
+    bad = jax.ffi.ffi_call("test_fail", jax.ShapeDtypeStruct(x.shape, x.dtype))
+    with pytest.raises(Exception, match="bad shape 7; valid: 6"):
+        jax.block_until_ready(jax.jit(bad)(x))

@@ -11,11 +11,11 @@ ReLU, the residual additions and the option A shortcut are layout-agnostic eleme
 reductions (see `resnet_jax.models`), and no reorder runs between convolutions.
 
 How: each distinct convolution (pass, shapes, stride, padding) becomes one oneDNN primitive,
-created when jax traces the call, and one XLA FFI target whose handler (a ctypes callback) runs it
-on XLA's buffers, without copies. The handler is Python but does little: ~165 calls per ResNet-56
-train step, against ~1.3 s of convolution work. Kernels are stored HWIO like `nnx.Conv`'s
-(checkpoints do not change); they are reordered to oneDNN's weight layouts inside the jitted
-computation (a few thousand numbers per layer).
+created when jax traces the call, and one XLA FFI target whose handler (a ctypes callback,
+`ffi_ctypes`) runs it on XLA's buffers, without copies. The handler is Python but does little:
+~165 calls per ResNet-56 train step, against ~1.3 s of convolution work. Kernels are stored
+HWIO like `nnx.Conv`'s (checkpoints do not change); they are reordered to oneDNN's weight
+layouts inside the jitted computation (a few thousand numbers per layer).
 
 The shared library comes from the `onednn-cpu-gomp` wheel (Intel's oneDNN 3.2 build with GNU
 OpenMP; a dependency on Linux x86-64). `available()` says whether it loaded; models fall back to
@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
+from resnet_jax.kernels import ffi_ctypes
 
 BLOCK = 8  # oneDNN's channel block for AVX2 kernels (`nChw8c`); AVX-512 machines run them too.
 ENV_LIBRARY = "RESNET_JAX_ONEDNN_LIBRARY"  # path of libdnnl.so.3, overriding the wheel's
@@ -217,6 +219,12 @@ def implementations(shape: ConvShape) -> dict[str, str]:
     return {k[0]: p.implementation for k, p in _PRIMITIVES.items() if k[1:] == shape.key}
 
 
+def _execute(key: str, out: int, ins: Sequence[int]) -> str | None:
+    """Runs primitive `key` on XLA's buffers; an error message for XLA, or None."""
+    status = _run(key, out, ins)
+    return None if status == 0 else f"oneDNN {key}: execute returned status {status}"
+
+
 def _run(key: str, out: int, ins: Sequence[int]) -> int:
     lib, prim = _lib(), _PRIMITIVES[key]
     state = getattr(_THREAD, "state", None)
@@ -241,92 +249,6 @@ def _run(key: str, out: int, ins: Sequence[int]) -> int:
     return lib.dnnl_primitive_execute(prim.handle, stream, len(args), args)
 
 
-# --------------------------------------------------------------------------------------------
-# The XLA FFI handler (xla/ffi/api/c_api.h, API version 0.x), written with ctypes.
-
-
-class _Extension(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int),
-                ("next", ctypes.c_void_p)]
-
-
-class _ApiVersion(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("major", ctypes.c_int), ("minor", ctypes.c_int)]
-
-
-class _Metadata(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("api_version", _ApiVersion),
-                ("traits", ctypes.c_uint32), ("state_type_id", ctypes.c_int64)]
-
-
-class _MetadataExtension(ctypes.Structure):
-    _fields_ = [("base", _Extension), ("metadata", ctypes.POINTER(_Metadata))]
-
-
-class _Buffer(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("dtype", ctypes.c_int), ("data", ctypes.c_void_p), ("rank", ctypes.c_int64),
-                ("dims", ctypes.POINTER(ctypes.c_int64))]
-
-
-class _Buffers(ctypes.Structure):  # XLA_FFI_Args and XLA_FFI_Rets have this layout
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("size", ctypes.c_int64), ("types", ctypes.c_void_p),
-                ("items", ctypes.POINTER(ctypes.POINTER(_Buffer)))]
-
-
-class _ErrorCreateArgs(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("message", ctypes.c_char_p), ("errc", ctypes.c_int)]
-
-
-_ERROR_CREATE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_ErrorCreateArgs))
-
-
-class _Api(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("api_version", _ApiVersion), ("internal_api", ctypes.c_void_p),
-                ("error_create", _ERROR_CREATE)]
-
-
-class _CallFrame(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t),
-                ("extension_start", ctypes.POINTER(_Extension)),
-                ("api", ctypes.POINTER(_Api)), ("ctx", ctypes.c_void_p), ("stage", ctypes.c_int),
-                ("args", _Buffers), ("rets", _Buffers)]
-
-
-_HANDLER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_CallFrame))
-_METADATA_EXTENSION, _FFI_API_MAJOR, _FFI_API_MINOR, _ERROR_INTERNAL = 1, 0, 1, 13
-_HANDLERS: dict[str, _HANDLER] = {}  # keeps the callbacks alive for as long as XLA may call them
-
-
-def _make_handler(key: str) -> _HANDLER:
-    def handle(frame_ptr):
-        frame = frame_ptr.contents
-        if frame.extension_start and frame.extension_start.contents.type == _METADATA_EXTENSION:
-            # XLA asks for the handler's API version when the target is registered.
-            ext = ctypes.cast(frame.extension_start, ctypes.POINTER(_MetadataExtension))
-            meta = ext.contents.metadata.contents
-            meta.api_version.major, meta.api_version.minor = _FFI_API_MAJOR, _FFI_API_MINOR
-            meta.traits = 0
-            return None
-        try:
-            ins = [frame.args.items[i].contents.data for i in range(frame.args.size)]
-            status = _run(key, frame.rets.items[0].contents.data, ins)
-            message = None if status == 0 else f"oneDNN {key}: execute returned {status}"
-        except Exception as e:  # noqa: BLE001 - reported to XLA, which raises it in jax
-            message = f"oneDNN {key}: {type(e).__name__}: {e}"
-        if message is None:
-            return None
-        err = _ErrorCreateArgs(ctypes.sizeof(_ErrorCreateArgs), None, message.encode(),
-                               _ERROR_INTERNAL)
-        return frame.api.contents.error_create(ctypes.byref(err))
-
-    return _HANDLER(handle)
-
-
 def _target(shape: ConvShape, kind: str) -> str:
     """The FFI target running pass `kind` ('f', 'd' or 'w') of `shape`, registered on first use."""
     key = kind + shape.key
@@ -335,9 +257,8 @@ def _target(shape: ConvShape, kind: str) -> str:
     if key not in _PRIMITIVES:
         raise OneDNNError(f"no oneDNN primitive for pass {kind!r} of {shape.key}")
     name = "resnet_jax_onednn_conv_" + key
-    if key not in _HANDLERS:
-        _HANDLERS[key] = _make_handler(key)
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(_HANDLERS[key]), platform="cpu")
+    if not ffi_ctypes.registered(name):
+        ffi_ctypes.register_cpu_target(name, functools.partial(_execute, key))
     return name
 
 
