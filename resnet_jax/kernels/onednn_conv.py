@@ -176,6 +176,11 @@ class ConvShape:
                 (self.w + pl + pr - self.kw) // self.stride + 1)
 
     @property
+    def weights_tag(self) -> str:
+        """oneDNN's weight layout for the forward pass and the weight gradient."""
+        return "Ohwi8o" if self.src == "nchw" else "OIhw8i8o"
+
+    @property
     def key(self) -> str:
         p = "_".join(map(str, self.padding))
         return (f"{self.n}x{self.c_in}x{self.h}x{self.w}_{self.c_out}x{self.kh}x{self.kw}"
@@ -189,7 +194,7 @@ def _create(shape: ConvShape) -> None:
     src = _memory_desc([shape.n, shape.c_in, shape.h, shape.w], shape.src)
     dst = _memory_desc([shape.n, shape.c_out, ho, wo], "nChw8c")
     w_dims = [shape.c_out, shape.c_in, shape.kh, shape.kw]
-    w_fwd = _memory_desc(w_dims, "Ohwi8o" if shape.src == "nchw" else "OIhw8i8o")
+    w_fwd = _memory_desc(w_dims, shape.weights_tag)
     pt, pb, pl, pr = shape.padding
     strides, dilation = _Dims(shape.stride, shape.stride), _Dims(0, 0)
     pad_l, pad_r = _Dims(pt, pl), _Dims(pb, pr)
@@ -212,10 +217,17 @@ def _create(shape: ConvShape) -> None:
                                                   _ARG_DIFF_SRC)
 
 
-def implementations(shape: ConvShape) -> dict[str, str]:
-    """oneDNN's implementation name for each pass of `shape` ('jit:avx2', ...), for tests/docs."""
+def _primitive_for(shape: ConvShape, kind: str) -> _Primitive | None:
+    """Pass `kind` ('f', 'd' or 'w') of `shape`, created with its siblings on first use; None
+    when oneDNN has no such pass (an NCHW first layer's input gradient)."""
     if "f" + shape.key not in _PRIMITIVES:
         _create(shape)
+    return _PRIMITIVES.get(kind + shape.key)
+
+
+def implementations(shape: ConvShape) -> dict[str, str]:
+    """oneDNN's implementation name for each pass of `shape` ('jit:avx2', ...), for tests/docs."""
+    _primitive_for(shape, "f")
     return {k[0]: p.implementation for k, p in _PRIMITIVES.items() if k[1:] == shape.key}
 
 
@@ -252,9 +264,7 @@ def _run(key: str, out: int, ins: Sequence[int]) -> int:
 def _target(shape: ConvShape, kind: str) -> str:
     """The FFI target running pass `kind` ('f', 'd' or 'w') of `shape`, registered on first use."""
     key = kind + shape.key
-    if key not in _PRIMITIVES:
-        _create(shape)
-    if key not in _PRIMITIVES:
+    if _primitive_for(shape, kind) is None:
         raise OneDNNError(f"no oneDNN primitive for pass {kind!r} of {shape.key}")
     name = "resnet_jax_onednn_conv_" + key
     if not ffi_ctypes.registered(name):
@@ -338,10 +348,8 @@ def _xla_conv2d(x: jax.Array, kernel: jax.Array, stride: int,
 def _jit_kernel(s: ConvShape, kind: str) -> bool:
     """Whether oneDNN runs pass `kind` of `s` with a JIT kernel (else only its slow reference
     code does, e.g. the weight gradient of a 1-channel first layer: XLA then takes the pass)."""
-    key = kind + s.key
-    if key not in _PRIMITIVES:
-        _create(s)
-    return key in _PRIMITIVES and not _PRIMITIVES[key].implementation.startswith("ref")
+    prim = _primitive_for(s, kind)
+    return prim is not None and not prim.implementation.startswith("ref")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -362,8 +370,8 @@ def _conv2d_fwd(x, kernel, stride, padding):
     x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
     if not _jit_kernel(s, "f"):
         return _xla_conv2d(x32, k32, stride, padding), (x, kernel)
-    wtag = "Ohwi8o" if s.src == "nchw" else "OIhw8i8o"
-    y = _call(s, "f", (s.n, s.c_out // BLOCK, *s.out_hw, BLOCK), x32, _kernel_to(k32, wtag))
+    y = _call(s, "f", (s.n, s.c_out // BLOCK, *s.out_hw, BLOCK), x32,
+              _kernel_to(k32, s.weights_tag))
     return y, (x, kernel)
 
 
@@ -372,7 +380,7 @@ def _conv2d_bwd(stride, padding, res, dy):
     s = conv_shape(x.shape, kernel.shape, stride, padding)
     x32, k32, dy = x.astype(jnp.float32), kernel.astype(jnp.float32), dy.astype(jnp.float32)
     if _jit_kernel(s, "w"):
-        wtag = "Ohwi8o" if s.src == "nchw" else "OIhw8i8o"
+        wtag = s.weights_tag
         dk = _kernel_from(_call(s, "w", _kernel_to(k32, wtag).shape, x32, dy), wtag,
                           kernel.shape)
     else:
