@@ -91,7 +91,8 @@ class TorchTrainer:
     """
 
     def __init__(self, depth: int, batch_size: int, *, channels_last: bool | None = None,
-                 seed: int = 0, device: str = "cpu", dtype: str = "float32"):
+                 seed: int = 0, device: str = "cpu", dtype: str = "float32",
+                 compile: bool = False):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -102,13 +103,9 @@ class TorchTrainer:
         self.model = CifarResNet(depth)
         if depth in EXPECTED_PARAMS:
             assert num_params(self.model) == EXPECTED_PARAMS[depth], num_params(self.model)
-        # Weight decay on kernels only, as in the JAX step (BN scale/bias and the fc bias excluded).
-        decay = [p for n, p in self.model.named_parameters() if p.ndim > 1]
-        rest = [p for n, p in self.model.named_parameters() if p.ndim <= 1]
-        self.opt = torch.optim.SGD(
-            [{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}],
-            lr=0.1, momentum=0.9,
-        )
+        # L2 weight decay on every parameter, as the library's paper preset (optim.weight_decay).
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9,
+                                   weight_decay=1e-4)
         if channels_last is None:
             channels_last = self.device.type == "cuda"
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -117,13 +114,20 @@ class TorchTrainer:
         x = torch.randn(batch_size, 3, 32, 32, generator=g)
         self.x = x.to(device=self.device, memory_format=fmt)
         self.y = torch.randint(0, 10, (batch_size,), generator=g).to(self.device)
+        self.forward = torch.compile(self.model) if compile else self.model
+
+    def precision(self) -> str:
+        """What the convolutions compute in: TF32 where cuDNN may use it, else float32."""
+        if self.device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+            return "TF32 (torch.backends.cudnn.allow_tf32=True)"
+        return f"float32 ({self.device.type})"
 
     def train_step(self) -> torch.Tensor:
         """One SGD step in train mode; returns the loss (a tensor: no host sync)."""
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         with self.autocast:
-            loss = F.cross_entropy(self.model(self.x).float(), self.y)
+            loss = F.cross_entropy(self.forward(self.x).float(), self.y)
         loss.backward()
         self.opt.step()
         return loss.detach()
@@ -133,7 +137,7 @@ class TorchTrainer:
         """One forward pass in eval mode; returns the loss (a tensor)."""
         self.model.eval()
         with self.autocast:
-            return F.cross_entropy(self.model(self.x).float(), self.y)
+            return F.cross_entropy(self.forward(self.x).float(), self.y)
 
     def sync(self) -> None:
         """Waits for queued GPU work (no-op on CPU)."""
@@ -141,7 +145,8 @@ class TorchTrainer:
             torch.cuda.synchronize(self.device)
 
 
-def serve(depth: int, batch_size: int, device: str = "cpu", dtype: str = "float32") -> None:
+def serve(depth: int, batch_size: int, device: str = "cpu", dtype: str = "float32",
+          mode: str = "eager") -> None:
     """Timing server for `resnet-jax bench --vs-torch`: one line `train|eval N` in, one line out.
 
     The reply is the mean seconds per step over N steps (GPU work waited for). The bench runs this
@@ -149,8 +154,9 @@ def serve(depth: int, batch_size: int, device: str = "cpu", dtype: str = "float3
     XLA's threads never share a process: in one process, merely importing torch slowed XLA's
     ResNet-20 step by ~30%.
     """
-    trainer = TorchTrainer(depth, batch_size, device=device, dtype=dtype)
-    print("ready", flush=True)
+    trainer = TorchTrainer(depth, batch_size, device=device, dtype=dtype,
+                           compile=mode == "compile")
+    print("ready", trainer.precision(), flush=True)
     for line in sys.stdin:
         kind, n = line.split()
         step = trainer.train_step if kind == "train" else trainer.eval_step
@@ -165,7 +171,7 @@ def serve(depth: int, batch_size: int, device: str = "cpu", dtype: str = "float3
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
-        serve(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6])
+        serve(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7])
         sys.exit(0)
     for d, expected in EXPECTED_PARAMS.items():
         assert num_params(CifarResNet(d)) == expected

@@ -97,8 +97,8 @@ def format_error(e: BaseException) -> str:
 
 
 def _configure_cpu() -> None:
-    """The fast-CPU XLA flags (resnet_jax/platform.py), unless jax is already running."""
-    from resnet_jax.platform import backend_initialized, configure_cpu
+    """The fast-CPU XLA flags (resnet_jax/backends/xla_flags.py), unless jax is already running."""
+    from resnet_jax.backends.xla_flags import backend_initialized, configure_cpu
 
     if not backend_initialized():
         configure_cpu()
@@ -107,7 +107,7 @@ def _configure_cpu() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `resnet-jax` console script (`argv=None`: this process's arguments)."""
     if argv is None:  # A program start, not a call from Python: pick the fast malloc first.
-        from resnet_jax.platform import reexec_with_malloc_tuning
+        from resnet_jax.backends.xla_flags import reexec_with_malloc_tuning
 
         reexec_with_malloc_tuning()
     argv = list(sys.argv[1:] if argv is None else argv)

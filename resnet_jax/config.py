@@ -51,9 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
             "bn_group_size": 0,  # 0: BN statistics over the global batch; 64: the paper's per-GPU
             "scan_blocks": False,  # one scanned block per stage: compile time flat in depth
             "remat": False,
-            # Convolutions: "auto" (oneDNN's direct kernels on a one-device CPU run, else XLA's),
-            # "xla" or "onednn" (resnet_jax/kernels/onednn_conv.py). Same values either way.
-            "conv_impl": "auto",
+            # The layers' implementation (resnet_jax/backends): "auto", "plain" (stock Flax),
+            # "xla_cpu" or "onednn" (CPU speed-ups). Same values and checkpoints either way.
+            "backend": "auto",
         }
     )
     c.data = default_data_config()
@@ -215,8 +215,13 @@ def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
                 with base.ignore_type():
                     base[k] = tuple(v) if isinstance(v, list) else v
 
+    saved = json.loads(path.read_text())
+    model = saved.get("model", {})
+    if "conv_impl" in model:  # runs made before `model.backend` replaced `model.conv_impl`
+        legacy = model.pop("conv_impl")
+        model.setdefault("backend", {"xla": "xla_cpu"}.get(legacy, legacy))
     config = default_config()
-    merge(config, json.loads(path.read_text()))
+    merge(config, saved)
     return config
 
 
@@ -256,10 +261,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(m.shortcut in ("", *SHORTCUTS), "model.shortcut", m.shortcut,
            f"choose one of {('', *SHORTCUTS)} ('' = the family's default)")
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {DTYPES}")
-    from resnet_jax.models.resnet import CONV_IMPLS
+    from resnet_jax.backends import BACKENDS
 
-    _check(m.get("conv_impl", "auto") in CONV_IMPLS, "model.conv_impl", m.get("conv_impl"),
-           f"choose one of {CONV_IMPLS}")
+    _check(m.backend in BACKENDS, "model.backend", m.backend, f"choose one of {BACKENDS}")
     g = m.bn_group_size
     _check(isinstance(g, int) and g >= 0 and (g == 0 or config.train.batch_size % g == 0),
            "model.bn_group_size", g,

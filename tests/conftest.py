@@ -3,7 +3,7 @@
 import os
 import tempfile
 
-# The same fast-CPU convolution routing as the CLI applies (resnet_jax/platform.py).
+# The same fast-CPU convolution routing as the CLI applies (resnet_jax/backends/xla_flags.py).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"

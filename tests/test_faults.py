@@ -26,9 +26,9 @@ from conftest import tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax.backends.xla_flags import CONV_FLAG
 from resnet_jax.cli import main
 from resnet_jax.data import NormStats
-from resnet_jax.platform import CONV_FLAG
 from resnet_jax.train import (
     Checkpointer,
     CheckpointError,

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax.platform import CONV_FLAG
+from resnet_jax.backends.xla_flags import CONV_FLAG
 from resnet_jax.train import restore_run
 
 HELPER = Path(__file__).with_name("helpers_train_proc.py")

@@ -1,4 +1,5 @@
-"""Speed features keep the maths: scanned stages equal unrolled ones; CPU flag plumbing."""
+"""CPU speed features keep the maths: scanned stages equal unrolled ones, the XLA:CPU backend's
+convolution, BatchNorm and fusion barrier equal the stock ones; CPU flag plumbing."""
 
 import os
 
@@ -9,14 +10,18 @@ import optax
 import pytest
 from flax import nnx
 
-from resnet_jax import models, platform
+from resnet_jax import models
+from resnet_jax.backends import xla_cpu
+from resnet_jax.backends import xla_flags as platform
 
 
 def _build(scan_blocks: bool, remat: bool = False):
     """(graphdef, state) of ResNet-20, initialised under jit (eager NNX init is slow)."""
 
     def make():
-        return models.create("resnet20", scan_blocks=scan_blocks, remat=remat, seed=0)
+        # XLA:CPU's layers: stock lax convolutions inside `scan` fall to a naive loop on CPU.
+        return models.create("resnet20", scan_blocks=scan_blocks, remat=remat, seed=0,
+                             layer_factory=xla_cpu.XlaCpuLayers)
 
     graphdef, _ = nnx.split(nnx.eval_shape(make))
     state = jax.jit(lambda: nnx.split(make())[1])()
@@ -120,7 +125,7 @@ def test_configure_cpu_is_a_no_op_once_jax_runs(monkeypatch):
 @pytest.mark.parametrize("kernel,stride,pad,size", [(3, 1, 1, 8), (3, 2, 1, 8), (1, 2, 0, 8),
                                                     (7, 2, 3, 9), (3, 2, 1, 7)])
 def test_canonical_conv_matches_lax_conv(kernel, stride, pad, size):
-    from resnet_jax.models.layers import canonical_conv2d
+    from resnet_jax.backends.xla_cpu import canonical_conv2d
 
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(3, size, size, 4), jnp.float32)
@@ -146,7 +151,7 @@ def test_canonical_conv_matches_lax_conv(kernel, stride, pad, size):
     (4, 2, (2, 4, 4, 2), 8), (7, 2, (3, 3, 3, 3), 9), (5, 3, (1, 5, 5, 1), 10)])
 def test_strided_input_grad_matches_autodiff(kernel, stride, pad, size):
     """The sub-pixel input gradient equals lax's (dilated) one, asymmetric and odd cases too."""
-    from resnet_jax.models.layers import strided_input_grad
+    from resnet_jax.backends.xla_cpu import strided_input_grad
 
     rng = np.random.RandomState(1)
     x = jnp.asarray(rng.randn(2, size, size + 1, 3), jnp.float32)
@@ -163,31 +168,24 @@ def test_strided_input_grad_matches_autodiff(kernel, stride, pad, size):
     np.testing.assert_allclose(got, vjp(dy)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_layer_factory_conv_takes_the_canonical_path(monkeypatch):
+def test_xla_cpu_factory_conv_takes_the_canonical_path(monkeypatch):
     """nnx.Conv passes extra keywords (`out_sharding=None`); they must not bypass the switch."""
-    from resnet_jax.models import layers
-
     calls = []
-    real = layers.canonical_conv2d
-    monkeypatch.setattr(layers, "canonical_conv2d", lambda *a: calls.append(a[2:]) or real(*a))
+    real = xla_cpu.canonical_conv2d
+    monkeypatch.setattr(xla_cpu, "canonical_conv2d", lambda *a: calls.append(a[2:]) or real(*a))
     x = jnp.ones((2, 8, 8, 4), jnp.float32)
-    # None (the default) means: canonical when tracing for CPU, which this suite runs on.
-    for canonical, expected in [(True, [(2, (1, 1, 1, 1))]), (None, [(2, (1, 1, 1, 1))]),
-                                (False, [])]:
-        calls.clear()
-        conv = layers.LayerFactory(canonical_conv=canonical).conv(4, 6, 3, 2, rngs=nnx.Rngs(0))
-        assert conv(x).shape == (2, 4, 4, 6)
-        assert calls == expected
-    # Tracing for an accelerator, the default leaves convolutions to lax (and its compilers).
+    conv = xla_cpu.XlaCpuLayers().conv(4, 6, 3, 2, rngs=nnx.Rngs(0))
+    assert conv(x).shape == (2, 4, 4, 6)
+    assert calls == [(2, (1, 1, 1, 1))]
+    # The stock factory (what `resnet_jax.models` uses alone) leaves convolutions to lax.
     calls.clear()
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    conv = layers.LayerFactory().conv(4, 6, 3, 2, rngs=nnx.Rngs(0))
-    assert conv(x).shape == (2, 4, 4, 6) and calls == []
+    assert models.LayerFactory().conv(4, 6, 3, 2, rngs=nnx.Rngs(0))(x).shape == (2, 4, 4, 6)
+    assert calls == []
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_closed_form_batch_norm_matches_nnx_batch_norm(dtype):
-    from resnet_jax.models.batch_norm import BatchNorm
+    from resnet_jax.backends.batch_norm import BatchNorm
 
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(8, 5, 5, 6) * 3 + 1, dtype)
@@ -229,7 +227,7 @@ def test_closed_form_batch_norm_matches_nnx_batch_norm(dtype):
 def test_batch_norm_backward_keeps_float32_accuracy_far_from_zero_mean(shift):
     # dscale = inv * (sum(g * x) - mean * sum(g)) cancels when |mean| >> sigma; against a
     # float64 evaluation of the textbook sum(g * xhat) it must stay at float32 accuracy.
-    from resnet_jax.models.batch_norm import normalize
+    from resnet_jax.backends.batch_norm import normalize
 
     rng = np.random.RandomState(0)
     x = (rng.randn(64, 16, 16, 8) + shift).astype(np.float32)
@@ -255,7 +253,7 @@ def test_batch_norm_backward_keeps_float32_accuracy_far_from_zero_mean(shift):
 
 
 def test_materialize_is_a_bitwise_identity_that_survives_xla():
-    from resnet_jax.models.layers import materialize
+    from resnet_jax.backends.xla_cpu import materialize
 
     x = jnp.asarray(np.random.RandomState(0).randn(4, 6, 6, 3), jnp.float32)
     x = x.at[0, 0, 0, 0].set(jnp.inf).at[0, 0, 0, 1].set(-0.0)

@@ -130,6 +130,8 @@ def test_tiny_run_writes_its_outputs(tiny_run):
     assert config["model"]["depth"] == 8 and config["train"]["num_steps"] == 20
     versions = json.loads((workdir / "versions.json").read_text())
     assert versions["jax"] == jax.__version__
+    # 8 simulated CPU devices: auto keeps XLA's partitionable convolutions (backends.select).
+    assert versions["backend"] == "xla_cpu"
     records = read_metrics(workdir)
     test_records = [r for r in records if r["split"] == "test"]
     assert [r["step"] for r in test_records] == [10, 20]

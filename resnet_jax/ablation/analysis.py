@@ -78,13 +78,13 @@ def _response_std(ds, state, eval_def, max_examples: int | None = None,
     def moments(params, batch_stats, x_u8, mask):
         model = nnx.merge(eval_def, params, batch_stats)
         model.set_attributes(record_responses=True)
-        model(normalize(x_u8, ds.stats))
+        _, recorded = nnx.capture(model, nnx.Intermediate)(normalize(x_u8, ds.stats))
         w = mask.astype(jnp.float32)[:, None, None, None]
         out = []
-        for block in _blocks(model.stages):
+        for block in _blocks(nnx.to_pure_dict(recorded)["stages"]):
             for name in RESPONSES:
-                if hasattr(block, name):
-                    r = getattr(block, name).get_value()[0].astype(jnp.float32)
+                if name in block:
+                    r = block[name][0].astype(jnp.float32)
                     # Sums over every element of the layer's output, so batches add up exactly.
                     out.append((jnp.sum(r * w), jnp.sum(r * r * w), jnp.sum(w) * r[0].size))
         return out

@@ -1,7 +1,7 @@
 """`resnet-jax bench` / `scripts/bench.py`: command line, table, JSON.
 
-`main` configures XLA's CPU backend (resnet_jax.platform.configure_cpu) *before* importing jax,
-so call it before anything in the process has run a jax computation.
+`main` configures XLA's CPU backend (resnet_jax.backends.xla_flags.configure_cpu) *before*
+importing jax, so call it before anything in the process has run a jax computation.
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "default: 100 on GPU/TPU, off on CPU)")
     ap.add_argument("--loop-calls", type=int, default=2,
                     help="host calls per timed window of the --steps-per-call rows")
-    ap.add_argument("--conv-impl", choices=("auto", "xla", "onednn"), default="auto",
-                    help="the models' convolutions (auto: oneDNN's on a one-device CPU run)")
+    ap.add_argument("--backend", choices=("auto", "plain", "xla_cpu", "onednn"), default="auto",
+                    help="the layers' implementation (resnet_jax.backends; auto: the faster "
+                    "CPU path on this processor, plain on GPU/TPU)")
     ap.add_argument("--cpu-devices", type=int, default=None,
-                    help="simulated host devices on CPU (default: resnet_jax.platform's choice)")
+                    help="simulated host devices on CPU (default: "
+                    "resnet_jax.backends.xla_flags's choice)")
     ap.add_argument("--no-cpu-flags", action="store_true",
                     help="leave XLA_FLAGS as they are (measure XLA's defaults)")
     return ap.parse_args(argv)
@@ -77,6 +79,7 @@ def format_report(report: dict) -> str:
             f"{'img/s':>7} {'GFLOP':>6} {'GFLOP/s':>7} {'%peak':>5} {'torch img/s':>11} "
             f"{'ours/torch [min-max]':>21} {'host MiB':>8}")
     lines += [head, "-" * len(head)]
+    notes = []
     for r in report["rows"]:
         ms = (f"{r['step_s_median'] * 1e3:.1f} [{r['step_s_min'] * 1e3:.0f}-"
               f"{r['step_s_max'] * 1e3:.0f}]")
@@ -92,6 +95,26 @@ def format_report(report: dict) -> str:
             f"{_fmt(frac and 100 * frac, '.0f'):>5} {_fmt(t and t['images_per_s']):>11} "
             f"{ratio:>21} {r['peak_host_memory_bytes'] / 2**20:>8.0f}"
         )
+        tc = r.get("torch_compile")
+        if tc:
+            lines.append(
+                f"{'':<10} {'':<8} {'':<5} {'torch.compile':>32} {tc['images_per_s']:>21.1f} "
+                f"ours/compiled {r['ratio_vs_torch_compile']:.2f} "
+                f"[{r['ratio_vs_torch_compile_min']:.2f}-{r['ratio_vs_torch_compile_max']:.2f}]")
+        if "fraction_of_device_flops" in r or "fraction_of_device_bytes" in r:
+            notes.append(f"{r['model']} {r['dtype']} {r['step']}: "
+                         f"{_fmt(100 * r.get('fraction_of_device_flops', 0), '.1f')}% of the "
+                         f"device's FLOP/s peak, "
+                         f"{_fmt(100 * r.get('fraction_of_device_bytes', 0), '.1f')}% of its "
+                         "memory bandwidth")
+    rows = report["rows"]
+    if rows:
+        backends = sorted({r.get("backend", "?") for r in rows})
+        lines += ["", f"layers: backend {', '.join(backends)}; convolution precision: ours "
+                  f"{rows[0].get('precision', '?')}"
+                  + (f", PyTorch {rows[0]['torch']['precision']}" if rows[0].get("torch")
+                     else "")]
+    lines += notes
     d = report["data_pipeline"]
     lines += ["", f"data pipeline only (gather+normalise+crop+flip, batch {d['batch_size']}): "
               f"{d['images_per_s']:.0f} img/s = {_fmt(d['ratio_vs_best_train'])}x the fastest "
@@ -133,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `resnet-jax bench`; returns the process exit status."""
     args = parse_args(argv)
     if not args.no_cpu_flags:
-        from resnet_jax.platform import configure_cpu
+        from resnet_jax.backends.xla_flags import configure_cpu
 
         configure_cpu(args.cpu_devices)
     from resnet_jax.bench.runner import BenchConfig, run
@@ -145,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup, scan_blocks=args.scan_blocks, remat=args.remat,
         data_steps=args.data_steps, run_compile_only=args.run_compile_only,
         steps_per_call=args.steps_per_call, loop_calls=args.loop_calls,
-        conv_impl=args.conv_impl,
+        backend=args.backend,
     )
     report = run(cfg)
     print(format_report(report))

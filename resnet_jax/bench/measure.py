@@ -35,12 +35,7 @@ def summarize(step_times: list[float], batch_size: int) -> dict[str, float]:
     }
 
 
-def cost_flops(compiled: Any) -> float | None:
-    """FLOPs of one call from XLA's cost analysis of a compiled executable (None if unknown).
-
-    With several devices the analysis describes one device's SPMD program, so callers multiply by
-    the device count (see `step_flops`).
-    """
+def _cost(compiled: Any, key: str) -> float | None:
     try:
         cost = compiled.cost_analysis()
     except Exception:  # Some backends do not implement it.
@@ -49,8 +44,60 @@ def cost_flops(compiled: Any) -> float | None:
         cost = cost[0] if cost else None
     if not cost:
         return None
-    flops = cost.get("flops")
-    return float(flops) if flops is not None and flops > 0 else None
+    value = cost.get(key)
+    return float(value) if value is not None and value > 0 else None
+
+
+def cost_flops(compiled: Any) -> float | None:
+    """FLOPs of one call from XLA's cost analysis of a lowered or compiled computation (None if
+    unknown). With several devices a compiled analysis describes one device's SPMD program, so
+    callers multiply by the device count."""
+    return _cost(compiled, "flops")
+
+
+def cost_bytes(compiled: Any) -> float | None:
+    """Bytes read and written by one call, from XLA's cost analysis (None if unknown)."""
+    return _cost(compiled, "bytes accessed")
+
+
+# Dense peaks of the accelerators we quote (vendor data sheets): FLOP/s by the precision the
+# step's convolutions run in, and memory bytes/s. Float32 convolutions at JAX's default precision
+# run on TF32 tensor cores on these GPUs.
+DEVICE_PEAKS = {
+    "H200": {"float32": 494.7e12, "bfloat16": 989.4e12, "bytes": 4.8e12},
+    "H100": {"float32": 494.7e12, "bfloat16": 989.4e12, "bytes": 3.35e12},
+    "A100": {"float32": 156e12, "bfloat16": 312e12, "bytes": 2.0e12},
+}
+
+
+def device_peaks() -> dict[str, float] | None:
+    """The first device's peaks from DEVICE_PEAKS, by its name (None for CPUs and others)."""
+    kind = jax.devices()[0].device_kind
+    return next((p for name, p in DEVICE_PEAKS.items() if name in kind), None)
+
+
+def fraction_of_device_peak(row: dict, dtype: str) -> dict[str, float]:
+    """`row`'s achieved FLOP/s and bytes/s as fractions of the device's peaks (GPU only)."""
+    peaks = device_peaks()
+    if not peaks:
+        return {}
+    out = {}
+    per_device_s = row["step_s_median"] * max(row.get("devices", 1), 1)  # the step's work / device
+    if row.get("flops_per_step"):
+        out["fraction_of_device_flops"] = row["flops_per_step"] / per_device_s / peaks[dtype]
+    if row.get("bytes_per_step"):
+        out["fraction_of_device_bytes"] = row["bytes_per_step"] / per_device_s / peaks["bytes"]
+    return out
+
+
+def jax_precision() -> str:
+    """What float32 convolutions and matmuls compute in on this backend (for the report)."""
+    setting = jax.config.jax_default_matmul_precision
+    if jax.default_backend() == "gpu":
+        if setting in (None, "default", "bfloat16", "tensorfloat32"):
+            return f"TF32 (jax_default_matmul_precision={setting})"
+        return f"full float32 (jax_default_matmul_precision={setting})"
+    return f"float32 ({jax.default_backend()})"
 
 
 def memory_analysis(compiled: Any) -> dict[str, int] | None:

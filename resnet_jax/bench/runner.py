@@ -1,6 +1,6 @@
 """The benchmark proper: compile, time (interleaved with the PyTorch twin), analyse, report.
 
-Import this only after `resnet_jax.platform.configure_cpu` has run (it imports jax).
+Import this only after `resnet_jax.backends.xla_flags.configure_cpu` has run (it imports jax).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax.bench import measure
-from resnet_jax.bench.step import build_state, make_eval_step, make_mesh, make_train_step
 from resnet_jax.config import AUTO_STEPS_PER_CALL
 from resnet_jax.models import parse_name
+from resnet_jax.train.loop import make_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -53,7 +54,7 @@ class BenchConfig:
     # None: AUTO_STEPS_PER_CALL on GPU/TPU, off on CPU (as the training loop's auto).
     steps_per_call: int | None = None
     loop_calls: int = 2  # host calls per timed window of the loop rows
-    conv_impl: str = "auto"  # the models' convolutions: "auto", "xla" or "onednn"
+    backend: str = "auto"  # the layers' implementation (resnet_jax.backends)
 
 
 def torch_device() -> str:
@@ -69,15 +70,6 @@ def _remat(cfg: BenchConfig, name: str) -> bool:
     return cfg.remat == "on" or (cfg.remat == "auto" and _depth(name) > 110)
 
 
-def _batch(mesh, batch_size: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
-    rng = np.random.RandomState(seed)
-    x = jnp.asarray(rng.randn(batch_size, 32, 32, 3), jnp.float32)
-    y = jnp.asarray(rng.randint(0, 10, batch_size), jnp.int32)
-    if mesh is not None:
-        x, y = jax.device_put((x, y), NamedSharding(mesh, P("data")))
-    return x, y
-
-
 class TorchTwin:
     """The PyTorch twin (benchmarks/torch_resnet.py, not part of the library) in a child process.
 
@@ -89,17 +81,19 @@ class TorchTwin:
     """
 
     def __init__(self, name: str, batch_size: int, *, device: str = "cpu",
-                 dtype: str = "float32"):
+                 dtype: str = "float32", compile: bool = False):
         path = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_resnet.py"
         if not path.exists():
             raise FileNotFoundError(f"--vs-torch needs {path} (run from a source checkout)")
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(
             [sys.executable, str(path), "--serve", str(_depth(name)), str(batch_size), device,
-             dtype],
+             dtype, "compile" if compile else "eager"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
-        if self._proc.stdout.readline().strip() != "ready":
+        ready = self._proc.stdout.readline().split(maxsplit=1)
+        if not ready or ready[0] != "ready":
             self._fail("could not start")
+        self.precision = ready[1].strip() if len(ready) > 1 else "?"  # of its convolutions
 
     def _fail(self, what: str):
         self._proc.kill()
@@ -151,100 +145,47 @@ def _analysis(compiled: _Compiled, n_devices: int, flops_from=None) -> dict[str,
         "compile_s": compiled.compile_s,
         "trace_and_compile_s": compiled.total_s,
         "flops_per_step": flops,
+        "bytes_per_step": measure.cost_bytes(flops_from if flops_from is not None
+                                             else compiled.lowered),
         "xla_memory_per_device": measure.memory_analysis(compiled.fn),
     }
 
 
-def bench_model(cfg: BenchConfig, name: str, dtype: str, mesh, peak: float) -> list[dict]:
-    """Train and eval rows of one (model, dtype), PyTorch windows interleaved when asked."""
-    n_dev = 1 if mesh is None else mesh.size
-    remat = _remat(cfg, name)
-    state = build_state(name, dtype=DTYPES[dtype], scan_blocks=cfg.scan_blocks, remat=remat,
-                        mesh=mesh, conv_impl=cfg.conv_impl)
-    x, y = _batch(mesh, cfg.batch_size)
-    train = _Compiled(make_train_step(state, mesh=mesh), state.params, state.batch_stats,
-                      state.opt_state, x, y)
-    evals = _Compiled(make_eval_step(state, mesh=mesh), state.params, state.batch_stats, x, y)
-    xla_lowered = {}
-    if state.uses_onednn:  # for FLOPs only: the same steps lowered (not compiled) with XLA's
-        xs = build_state(name, dtype=DTYPES[dtype], scan_blocks=cfg.scan_blocks, remat=remat,
-                         mesh=mesh, conv_impl="xla")
-        xla_lowered["train"] = make_train_step(xs, mesh=mesh).lower(
-            xs.params, xs.batch_stats, xs.opt_state, x, y)
-        xla_lowered["eval"] = make_eval_step(xs, mesh=mesh).lower(xs.params, xs.batch_stats, x, y)
-    torch = None
-    # bf16 twin (autocast) only on GPU: on CPU PyTorch's bf16 autocast is no fair baseline.
-    if cfg.vs_torch and (dtype == "float32" or torch_device() == "cuda"):
-        torch = TorchTwin(name, cfg.batch_size, device=torch_device(), dtype=dtype)
+@dataclasses.dataclass
+class LibraryStep:
+    """The library's train and eval steps for one model, as `resnet-jax train` builds them."""
 
-    carry = [state.params, state.batch_stats, state.opt_state]
-
-    def train_once():
-        p, s, o, loss = train.fn(*carry, x, y)
-        carry[:] = [p, s, o]
-        return loss
-
-    def eval_once():
-        return evals.fn(carry[0], carry[1], x, y)
-
-    rows = []
-    for kind, run, steps in (("train", train_once, cfg.train_steps),
-                             ("eval", eval_once, cfg.eval_steps)):
-        measure.time_window(run, cfg.warmup)
-        if torch:
-            torch.window(kind, cfg.warmup)
-        ours, theirs = [], []
-        # Alternate windows so that load from other processes hits both frameworks alike.
-        for _ in range(cfg.windows):
-            ours.append(measure.time_window(run, steps))
-            if torch:
-                theirs.append(torch.window(kind, steps))
-        compiled = train if kind == "train" else evals
-        row = {"model": name, "dtype": dtype, "step": kind, "batch_size": cfg.batch_size,
-               "devices": n_dev, "scan_blocks": cfg.scan_blocks, "remat": remat,
-               "conv_impl": "onednn" if state.uses_onednn else "xla",
-               **measure.summarize(ours, cfg.batch_size),
-               **_analysis(compiled, n_dev, xla_lowered.get(kind)),
-               "step_s_windows": ours}
-        if row["flops_per_step"]:
-            row["achieved_flops"] = row["flops_per_step"] / row["step_s_median"]
-            row["fraction_of_matmul_peak"] = row["achieved_flops"] / peak
-        if theirs:
-            t = measure.summarize(theirs, cfg.batch_size)
-            ratios = [b / a for a, b in zip(ours, theirs, strict=True)]  # ours/torch throughput
-            row["torch"] = {**t, "step_s_windows": theirs}
-            row["ratio_vs_torch"] = float(np.median(ratios))
-            row["ratio_vs_torch_min"], row["ratio_vs_torch_max"] = min(ratios), max(ratios)
-        row["peak_host_memory_bytes"] = measure.peak_host_memory_bytes()
-        row["device_peak_memory_bytes"] = measure.device_peak_memory_bytes()
-        rows.append(row)
-    if torch:
-        torch.close()
-    return rows
+    config: Any
+    mesh: Any
+    state: Any
+    data: tuple
+    train_block: Callable[[int], Any]  # steps per call -> the jitted `jit_train_block`
+    eval_step: Any  # jitted `eval_step(state, x_u8, y, mask, stats)`
+    backend: str
 
 
-def bench_loop(cfg: BenchConfig, name: str, dtype: str, num_train: int = 45_000) -> dict:
-    """The library's train step as `resnet-jax train` runs it, on a synthetic resident dataset.
-
-    The paper preset for `name` (SGD, schedule, wd 1e-4, crop+flip on the device), the uint8
-    training split replicated on every device, `cfg.steps_per_call` steps per host call
-    (`lax.scan`), the state donated. Also projects the wall time of the paper's 64k iterations
-    (train steps only: evaluation and checkpoints excluded).
-    """
+def library_step(cfg: BenchConfig, name: str, dtype: str, *, scan_blocks: bool, remat: bool,
+                 backend: str | None = None, num_train: int = 4096) -> LibraryStep:
+    """The paper preset of `name` with the bench's overrides, its state on the devices and a
+    synthetic uint8 training split resident there (crop+flip run inside the step, as in
+    training). The timed function is `resnet_jax.train.loop.jit_train_block` itself."""
+    from resnet_jax.backends import select
     from resnet_jax.configs._paper import paper_config
     from resnet_jax.data import DataSpec, replicate
     from resnet_jax.data.preprocess import NormStats
     from resnet_jax.train.loop import jit_train_block
     from resnet_jax.train.loop import make_mesh as train_mesh
     from resnet_jax.train.optim import make_optimizer, make_schedule
+    from resnet_jax.train.state import DTYPES as MODEL_DTYPES
     from resnet_jax.train.state import create_state, graphdefs
+    from resnet_jax.train.step import make_eval_step
 
     family, depth = parse_name(name)[:2]
     config = paper_config(family, depth)
     config.model.dtype = dtype
-    config.model.scan_blocks = cfg.scan_blocks
-    config.model.conv_impl = cfg.conv_impl
-    config.model.remat = _remat(cfg, name)
+    config.model.scan_blocks = scan_blocks
+    config.model.remat = remat
+    config.model.backend = backend or cfg.backend
     config.train.batch_size = cfg.batch_size
     t = config.train
     mesh = train_mesh()
@@ -257,46 +198,138 @@ def bench_loop(cfg: BenchConfig, name: str, dtype: str, num_train: int = 45_000)
     data = replicate((images, labels, stats), mesh)
     schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
     tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
-    train_def, _ = graphdefs(config, spec)
+    train_def, eval_def = graphdefs(config, spec)
     state = create_state(config, spec, tx, NamedSharding(mesh, P()))
+    resolved, _ = select(config.model.backend, dtype=MODEL_DTYPES[dtype])
+    return LibraryStep(
+        config, mesh, state, data,
+        lambda k: jit_train_block(config, train_def, tx, schedule, mesh, k),
+        jax.jit(make_eval_step(eval_def)), resolved)
+
+
+def _eval_batch(lib: LibraryStep, batch_size: int) -> tuple:
+    rep = NamedSharding(lib.mesh, P("data"))
+    x = jax.device_put(lib.data[0][:batch_size], rep)
+    y = jax.device_put(lib.data[1][:batch_size], rep)
+    return x, y, jax.device_put(jnp.ones((batch_size,), bool), rep), lib.data[2]
+
+
+def bench_model(cfg: BenchConfig, name: str, dtype: str, peak: float) -> list[dict]:
+    """Train and eval rows of one (model, dtype), PyTorch windows interleaved when asked.
+
+    The train row times `jit_train_block` at one step per call: the exact step `resnet-jax
+    train` runs (batch gather and augmentation, weight decay, the non-finite guard included).
+    """
+    remat = _remat(cfg, name)
+    lib = library_step(cfg, name, dtype, scan_blocks=cfg.scan_blocks, remat=remat)
+    n_dev = lib.mesh.size
+    eval_args = _eval_batch(lib, cfg.batch_size)
+    train = _Compiled(lib.train_block(1), lib.state, lib.data)
+    evals = _Compiled(lib.eval_step, lib.state, *eval_args)
+    xla_lowered = {}
+    if lib.backend == "onednn":  # for FLOPs only: the same steps lowered (not compiled) by XLA
+        xs = library_step(cfg, name, dtype, scan_blocks=cfg.scan_blocks, remat=remat,
+                          backend="xla_cpu")
+        xla_lowered["train"] = xs.train_block(1).lower(xs.state, xs.data)
+        xla_lowered["eval"] = xs.eval_step.lower(xs.state, *eval_args)
+    twins = []
+    # bf16 twins (autocast) only on GPU: on CPU PyTorch's bf16 autocast is no fair baseline.
+    if cfg.vs_torch and (dtype == "float32" or torch_device() == "cuda"):
+        twins.append(("torch", TorchTwin(name, cfg.batch_size, device=torch_device(),
+                                         dtype=dtype)))
+        if torch_device() == "cuda":  # torch.compile beside eager, where it is the fast path
+            twins.append(("torch_compile", TorchTwin(name, cfg.batch_size, device="cuda",
+                                                     dtype=dtype, compile=True)))
+
+    carry = [lib.state]
+
+    def train_once():
+        carry[0], metrics = train.fn(carry[0], lib.data)
+        return metrics["loss"]
+
+    def eval_once():
+        return evals.fn(carry[0], *eval_args)["loss_sum"]
+
+    rows = []
+    for kind, run, steps in (("train", train_once, cfg.train_steps),
+                             ("eval", eval_once, cfg.eval_steps)):
+        measure.time_window(run, cfg.warmup)
+        for _, twin in twins:
+            twin.window(kind, cfg.warmup)
+        ours, theirs = [], {label: [] for label, _ in twins}
+        # Alternate windows so that load from other processes hits every framework alike.
+        for _ in range(cfg.windows):
+            ours.append(measure.time_window(run, steps))
+            for label, twin in twins:
+                theirs[label].append(twin.window(kind, steps))
+        compiled = train if kind == "train" else evals
+        row = {"model": name, "dtype": dtype, "step": kind, "batch_size": cfg.batch_size,
+               "devices": n_dev, "scan_blocks": cfg.scan_blocks, "remat": remat,
+               "backend": lib.backend, **measure.summarize(ours, cfg.batch_size),
+               **_analysis(compiled, n_dev, xla_lowered.get(kind)),
+               "step_s_windows": ours, "precision": measure.jax_precision()}
+        if row["flops_per_step"]:
+            row["achieved_flops"] = row["flops_per_step"] / row["step_s_median"]
+            row["fraction_of_matmul_peak"] = row["achieved_flops"] / peak
+        row.update(measure.fraction_of_device_peak(row, dtype))
+        for label, times in theirs.items():
+            t = measure.summarize(times, cfg.batch_size)
+            ratios = [b / a for a, b in zip(ours, times, strict=True)]  # ours/theirs throughput
+            twin = dict(twins)[label]
+            row[label] = {**t, "step_s_windows": times, "precision": twin.precision}
+            row[f"ratio_vs_{label}"] = float(np.median(ratios))
+            row[f"ratio_vs_{label}_min"], row[f"ratio_vs_{label}_max"] = min(ratios), max(ratios)
+        row["peak_host_memory_bytes"] = measure.peak_host_memory_bytes()
+        row["device_peak_memory_bytes"] = measure.device_peak_memory_bytes()
+        rows.append(row)
+    for _, twin in twins:
+        twin.close()
+    return rows
+
+
+def bench_loop(cfg: BenchConfig, name: str, dtype: str, num_train: int = 45_000) -> dict:
+    """The library's train step as `resnet-jax train` runs it on a GPU/TPU: `cfg.steps_per_call`
+    steps per host call (`lax.scan`) on a synthetic resident 45k-image split, the state donated.
+    Also projects the wall time of the paper's 64k iterations (train steps only: evaluation and
+    checkpoints excluded).
+    """
+    lib = library_step(cfg, name, dtype, scan_blocks=cfg.scan_blocks, remat=_remat(cfg, name),
+                       num_train=num_train)
     k = cfg.steps_per_call
-    block = _Compiled(jit_train_block(config, train_def, tx, schedule, mesh, k), state, data)
-    carry = [state]
+    block = _Compiled(lib.train_block(k), lib.state, lib.data)
+    carry = [lib.state]
 
     def call():
-        carry[0], metrics = block.fn(carry[0], data)
+        carry[0], metrics = block.fn(carry[0], lib.data)
         return metrics["loss"]
 
     measure.time_window(call, 1)
     times = [measure.time_window(call, cfg.loop_calls) / k for _ in range(cfg.windows)]
     row = {"model": name, "dtype": dtype, "step": "loop", "batch_size": cfg.batch_size,
-           "devices": mesh.size, "steps_per_call": k, "scan_blocks": cfg.scan_blocks,
-           "remat": config.model.remat, **measure.summarize(times, cfg.batch_size),
+           "devices": lib.mesh.size, "steps_per_call": k, "scan_blocks": cfg.scan_blocks,
+           "remat": lib.config.model.remat, **measure.summarize(times, cfg.batch_size),
            "trace_and_compile_s": block.total_s, "step_s_windows": times,
-           "paper_steps": t.num_steps}
-    row["projected_paper_run_s"] = row["step_s_median"] * t.num_steps
+           "paper_steps": lib.config.train.num_steps}
+    row["projected_paper_run_s"] = row["step_s_median"] * row["paper_steps"]
     row["device_peak_memory_bytes"] = measure.device_peak_memory_bytes()
     return row
 
 
-def bench_compile_only(cfg: BenchConfig, name: str, mesh) -> dict:
+def bench_compile_only(cfg: BenchConfig, name: str) -> dict:
     """Compile time (and static memory) of a deep model's float32 train step; optionally one run."""
-    n_dev = 1 if mesh is None else mesh.size
     remat = _remat(cfg, name)
     t = time.perf_counter()
-    state = build_state(name, scan_blocks=True, remat=remat, mesh=mesh, conv_impl=cfg.conv_impl)
+    lib = library_step(cfg, name, "float32", scan_blocks=True, remat=remat, num_train=256)
     init_s = time.perf_counter() - t
-    x, y = _batch(mesh, cfg.batch_size)
-    train = _Compiled(make_train_step(state, mesh=mesh), state.params, state.batch_stats,
-                      state.opt_state, x, y)
+    train = _Compiled(lib.train_block(1), lib.state, lib.data)
     row = {"model": name, "dtype": "float32", "step": "train", "batch_size": cfg.batch_size,
-           "devices": n_dev, "scan_blocks": True, "remat": remat, "init_s": init_s,
-           **_analysis(train, n_dev)}
+           "devices": lib.mesh.size, "scan_blocks": True, "remat": remat, "init_s": init_s,
+           **_analysis(train, lib.mesh.size)}
     if cfg.run_compile_only:
-        out = train.fn(state.params, state.batch_stats, state.opt_state, x, y)
-        jax.block_until_ready(out)  # Proves the step fits in memory at this batch size.
+        state, metrics = train.fn(lib.state, lib.data)
+        jax.block_until_ready(metrics)  # Proves the step fits in memory at this batch size.
         t = time.perf_counter()
-        jax.block_until_ready(train.fn(*out[:3], x, y))
+        jax.block_until_ready(train.fn(state, lib.data))
         row["one_step_s"] = time.perf_counter() - t
     row["peak_host_memory_bytes"] = measure.peak_host_memory_bytes()
     return row
@@ -346,14 +379,14 @@ def bench_data(cfg: BenchConfig, mesh, num_images: int = 10_000) -> dict:
 def run(cfg: BenchConfig) -> dict:
     """Runs everything in `cfg` and returns the report (also what `--json` writes)."""
     mesh = make_mesh()
-    if mesh is not None and cfg.batch_size % mesh.size:
+    if cfg.batch_size % mesh.size:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide by {mesh.size} devices")
     peaks = [measure.matmul_peak_flops()]
     rows = []
     for name in cfg.models:
         for dtype in cfg.dtypes:
             print(f"[bench] {name} {dtype} ...", file=sys.stderr, flush=True)
-            rows.extend(bench_model(cfg, name, dtype, mesh, max(peaks)))
+            rows.extend(bench_model(cfg, name, dtype, max(peaks)))
     loop_rows = []
     if cfg.steps_per_call is None:
         cfg = dataclasses.replace(
@@ -373,7 +406,7 @@ def run(cfg: BenchConfig) -> dict:
         compile_models.insert(0, "resnet20")
     for name in compile_models:
         print(f"[bench] compile {name} ...", file=sys.stderr, flush=True)
-        compile_rows.append(bench_compile_only(cfg, name, mesh))
+        compile_rows.append(bench_compile_only(cfg, name))
     best_train = max((r["images_per_s"] for r in rows if r["step"] == "train"), default=None)
     data["ratio_vs_best_train"] = data["images_per_s"] / best_train if best_train else None
     import os

@@ -1,4 +1,8 @@
-"""Residual and plain networks as Flax NNX modules (He et al. 2015, 2016)."""
+"""Residual and plain networks as Flax NNX modules (He et al. 2015, 2016): the architecture only.
+
+NHWC, stock Flax NNX layers. Backend speed-ups (`resnet_jax.backends`) reach these models only
+through the `LayerFactory` they are built with.
+"""
 
 from resnet_jax.models.blocks import (
     SHORTCUTS,

@@ -15,8 +15,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from resnet_jax.kernels.onednn_conv import from_blocked
-from resnet_jax.models.layers import LayerFactory, materialize, option_a_shortcut
+from resnet_jax.models.layers import LayerFactory, option_a_shortcut
 
 SHORTCUTS = ("A", "B", "C", "none")
 
@@ -40,11 +39,11 @@ class Projection(nnx.Module):
 
 
 class _Block(nnx.Module):
-    """Shared shortcut plumbing of all block types."""
+    """What all block types share: the shortcut, the activation and the response recording."""
 
     expansion = 1
 
-    def _make_shortcut(self, layers, in_f, out_f, strides, shortcut, *, rngs) -> None:
+    def _init_shared(self, layers, in_f, out_f, strides, shortcut, *, rngs) -> None:
         self.shortcut = check_shortcut(shortcut)
         changes_shape = strides != 1 or in_f != out_f
         if shortcut == "C" or (shortcut == "B" and changes_shape):
@@ -53,6 +52,7 @@ class _Block(nnx.Module):
             self.projection = None
         self.out_features = out_f
         self.strides = strides
+        self.act = layers.act
         self.record_responses = False
 
     def _shortcut(self, x: jax.Array) -> jax.Array | None:
@@ -70,7 +70,7 @@ class _Block(nnx.Module):
 
     def _record(self, name: str, y: jax.Array) -> jax.Array:
         if self.record_responses:
-            self.sow(nnx.Intermediate, name, from_blocked(y) if y.ndim == 5 else y)
+            self.sow(nnx.Intermediate, name, y)
         return y
 
 
@@ -92,14 +92,13 @@ class BasicBlock(_Block):
         self.bn1 = layers.norm(features, rngs=rngs)
         self.conv2 = layers.conv(features, features, 3, 1, rngs=rngs)
         self.bn2 = layers.norm(features, zero_init=zero_init_last_bn, rngs=rngs)
-        self._make_shortcut(layers, in_features, features, strides, shortcut, rngs=rngs)
+        self._init_shared(layers, in_features, features, strides, shortcut, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self._record("response1", self.bn1(self.conv1(x)))
-        y = materialize(nnx.relu(y))
+        y = self.act(self._record("response1", self.bn1(self.conv1(x))))
         y = self._record("response2", self.bn2(self.conv2(y)))
         residual = self._shortcut(x)
-        return materialize(nnx.relu(y if residual is None else y + residual))
+        return self.act(y if residual is None else y + residual)
 
 
 class BottleneckBlock(_Block):
@@ -125,14 +124,14 @@ class BottleneckBlock(_Block):
         self.bn2 = layers.norm(features, rngs=rngs)
         self.conv3 = layers.conv(features, out, 1, 1, rngs=rngs)
         self.bn3 = layers.norm(out, zero_init=zero_init_last_bn, rngs=rngs)
-        self._make_shortcut(layers, in_features, out, strides, shortcut, rngs=rngs)
+        self._init_shared(layers, in_features, out, strides, shortcut, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = materialize(nnx.relu(self.bn1(self.conv1(x))))
-        y = materialize(nnx.relu(self._record("response2", self.bn2(self.conv2(y)))))
+        y = self.act(self.bn1(self.conv1(x)))
+        y = self.act(self._record("response2", self.bn2(self.conv2(y))))
         y = self.bn3(self.conv3(y))
         residual = self._shortcut(x)
-        return materialize(nnx.relu(y if residual is None else y + residual))
+        return self.act(y if residual is None else y + residual)
 
 
 class PreActBasicBlock(_Block):
@@ -154,14 +153,14 @@ class PreActBasicBlock(_Block):
         self.conv1 = layers.conv(in_features, features, 3, strides, rngs=rngs)
         self.bn2 = layers.norm(features, rngs=rngs)
         self.conv2 = layers.conv(features, features, 3, 1, rngs=rngs)
-        self._make_shortcut(layers, in_features, features, strides, shortcut, rngs=rngs)
+        self._init_shared(layers, in_features, features, strides, shortcut, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        pre = materialize(nnx.relu(self.bn1(x)))
+        pre = self.act(self.bn1(x))
         residual = self._preact_residual(x, pre)
         y = self.conv1(pre)
-        y = self.conv2(materialize(nnx.relu(self._record("response1", self.bn2(y)))))
-        return materialize(y if residual is None else y + residual)
+        y = self.conv2(self.act(self._record("response1", self.bn2(y))))
+        return y if residual is None else y + residual
 
 
 class PreActBottleneckBlock(_Block):
@@ -188,12 +187,12 @@ class PreActBottleneckBlock(_Block):
         self.conv2 = layers.conv(features, features, 3, strides, rngs=rngs)
         self.bn3 = layers.norm(features, rngs=rngs)
         self.conv3 = layers.conv(features, out, 1, 1, rngs=rngs)
-        self._make_shortcut(layers, in_features, out, strides, shortcut, rngs=rngs)
+        self._init_shared(layers, in_features, out, strides, shortcut, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        pre = materialize(nnx.relu(self.bn1(x)))
+        pre = self.act(self.bn1(x))
         residual = self._preact_residual(x, pre)
         y = self.conv1(pre)
-        y = self.conv2(materialize(nnx.relu(self.bn2(y))))
-        y = self.conv3(materialize(nnx.relu(self._record("response2", self.bn3(y)))))
-        return materialize(y if residual is None else y + residual)
+        y = self.conv2(self.act(self.bn2(y)))
+        y = self.conv3(self.act(self._record("response2", self.bn3(y))))
+        return y if residual is None else y + residual

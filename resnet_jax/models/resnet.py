@@ -16,19 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_jax.kernels import onednn_conv
-from resnet_jax.models.batch_norm import BatchNorm
 from resnet_jax.models.ghost_norm import GhostBatchNorm
-from resnet_jax.models.layers import LayerFactory, materialize
-
-CONV_IMPLS = ("auto", "xla", "onednn")
-
-
-def check_conv_impl(conv_impl: str) -> str:
-    """Returns `conv_impl` if it is one of CONV_IMPLS, else raises a ValueError listing them."""
-    if conv_impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl={conv_impl!r} is not valid; choose one of {CONV_IMPLS}.")
-    return conv_impl
+from resnet_jax.models.layers import LayerFactory
 
 
 class Stage(nnx.Module):
@@ -94,12 +83,9 @@ class ResNet(nnx.Module):
     Call `model(x)` for logits, or `model(x, return_features=True)` for `(logits, features)` where
     `features` maps "stem", "stage1".. and "pooled" to activations (NHWC), for probing.
 
-    `conv_impl` picks the convolutions: "xla" (XLA's own, NHWC activations), "onednn" (oneDNN's
-    direct CPU kernels, `resnet_jax.kernels.onednn_conv`: activations then stay in the blocked
-    layout (N, C/8, H, W, 8) from the stem to the pooling, and blocks see 5-D arrays) or "auto":
-    "onednn" when the trace is for one CPU device, oneDNN loads and the net allows it (CIFAR
-    stem, float32, plain BatchNorm, widths divisible by 8), else "xla". Both give the same
-    values to float32 rounding (tests/test_onednn.py); parameters and checkpoints are identical.
+    `layer_factory` builds every convolution, norm and activation (default: stock Flax NNX
+    layers); a backend (`resnet_jax.backends`) passes a subclass with faster layers of the same
+    parameters, so checkpoints do not depend on it.
     """
 
     def __init__(
@@ -121,29 +107,20 @@ class ResNet(nnx.Module):
         bn_group_size: int = 0,
         scan_blocks: bool = False,
         remat: bool = False,
-        conv_impl: str = "auto",
+        layer_factory: type[LayerFactory] = LayerFactory,
         rngs: nnx.Rngs,
     ):
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem={stem!r} is not valid; choose 'cifar' or 'imagenet'.")
         # bn_group_size > 0: "ghost" BN, statistics per group of that many examples.
         norm_cls = (functools.partial(GhostBatchNorm, group_size=bn_group_size)
-                    if bn_group_size else BatchNorm)
-        layers = LayerFactory(dtype=dtype, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
-                              norm_cls=norm_cls)
+                    if bn_group_size else None)
+        layers = layer_factory(dtype=dtype, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+                               norm_cls=norm_cls)
         self.stem_kind = stem
         self.preact = preact
         self.dtype = dtype
-        self.conv_impl = check_conv_impl(conv_impl)
-        # Why oneDNN cannot run this net (None: it can); checked when conv_impl="onednn".
-        widths = (stem_width, *(w * block_cls.expansion for w in stage_widths))
-        self.onednn_obstacle = (
-            "an ImageNet stem (max pooling)" if stem != "cifar"
-            else f"dtype {jnp.dtype(dtype).name} (float32 only)" if jnp.dtype(dtype) != jnp.float32
-            else "ghost BatchNorm" if bn_group_size
-            else f"widths {widths} (need multiples of {onednn_conv.BLOCK})"
-            if any(w % onednn_conv.BLOCK for w in widths)
-            else None)
+        self.act = layers.act
         kernel, stride = (3, 1) if stem == "cifar" else (7, 2)
         self.stem_conv = layers.conv(in_channels, stem_width, kernel, stride, rngs=rngs)
         # A pre-activation net's first block normalises its own input, so its stem has no BN.
@@ -165,44 +142,22 @@ class ResNet(nnx.Module):
         self.head = nnx.Linear(in_f, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.num_features = in_f
 
-    def uses_onednn(self) -> bool:
-        """Whether a call traced now runs oneDNN's convolutions (see the class docstring)."""
-        if self.conv_impl == "xla":
-            return False
-        if self.conv_impl == "onednn":
-            if self.onednn_obstacle:
-                raise ValueError(f"conv_impl='onednn' cannot run this net: {self.onednn_obstacle};"
-                                 " use conv_impl='xla' or 'auto'.")
-            if not onednn_conv.available():
-                raise RuntimeError(f"conv_impl='onednn': {onednn_conv.unavailable_reason()}.")
-            return True
-        # A custom call has no SPMD partitioning rule: on a multi-device mesh XLA would gather
-        # the batch onto every device, so "auto" keeps XLA's convolutions there.
-        return (self.onednn_obstacle is None and jax.default_backend() == "cpu"
-                and jax.device_count() == 1 and onednn_conv.available())
-
     def __call__(self, x: jax.Array, return_features: bool = False):
         features = {}
-        blocked = self.uses_onednn()
-        if blocked:
-            x = self.stem_conv.image_to_blocked(x.astype(self.dtype))
-        else:
-            x = self.stem_conv(x.astype(self.dtype))
+        x = self.stem_conv(x.astype(self.dtype))
         if self.stem_norm is not None:
-            x = materialize(nnx.relu(self.stem_norm(x)))
+            x = self.act(self.stem_norm(x))
         if self.stem_kind == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        nhwc = onednn_conv.from_blocked if blocked else (lambda v: v)
         if return_features:
-            features["stem"] = nhwc(x)
+            features["stem"] = x
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if return_features:
-                features[f"stage{i + 1}"] = nhwc(x)
+                features[f"stage{i + 1}"] = x
         if self.final_norm is not None:
-            x = nnx.relu(self.final_norm(x))
-        # Blocked (N, C/8, H, W, 8) pools to (N, C/8, 8), i.e. channel c at [c // 8, c % 8].
-        x = jnp.mean(x, axis=(2, 3) if blocked else (1, 2)).reshape(x.shape[0], -1)
+            x = self.act(self.final_norm(x))
+        x = jnp.mean(x, axis=(1, 2))
         features["pooled"] = x
         logits = self.head(x).astype(jnp.float32)
         return (logits, features) if return_features else logits

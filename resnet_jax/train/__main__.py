@@ -2,8 +2,8 @@
 
 import sys
 
+from resnet_jax.backends.xla_flags import reexec_with_malloc_tuning
 from resnet_jax.cli import main
-from resnet_jax.platform import reexec_with_malloc_tuning
 
 if __name__ == "__main__":
     reexec_with_malloc_tuning()

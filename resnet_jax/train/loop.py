@@ -16,23 +16,22 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax import backends
 from resnet_jax.config import ConfigError, load_run_config, resolve_steps_per_call, validate
 from resnet_jax.data import AugmentConfig, Dataset, load_dataset, replicate
-from resnet_jax.kernels import onednn_conv
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.logger import MetricsLogger
 from resnet_jax.train.optim import make_optimizer, make_schedule
 from resnet_jax.train.state import (
+    DTYPES,
     TrainState,
     abstract_state,
     create_state,
     graphdefs,
-    model_from_config,
 )
 from resnet_jax.train.step import StepConfig, make_eval_step, make_multi_step, make_train_step
 
@@ -41,7 +40,7 @@ RESUMABLE_CHANGES = {
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.eval_splits", "train.checkpoint_every", "train.keep_checkpoints",
     "train.async_checkpoints", "train.steps_per_call", "data.data_dir", "data.source",
-    "model.conv_impl",  # the same maths by another kernel library
+    "model.backend", "model.conv_impl",  # the same maths by other kernels (conv_impl: old runs)
 }
 
 
@@ -120,17 +119,6 @@ def check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) ->
             f"workdir {workdir} holds a run with a different config ({shown}). Use another "
             "--workdir, or pass --allow-config-change to resume it with the new values."
         )
-
-
-def _conv_impl(config: ml_collections.ConfigDict, spec) -> str:
-    """Which convolutions the run's train step uses: "onednn" or "xla" (see ResNet)."""
-    return "onednn" if nnx.eval_shape(lambda: model_from_config(config, spec)).uses_onednn() \
-        else "xla"
-
-
-def _onednn_would_help(config: ml_collections.ConfigDict, mesh) -> bool:
-    return (config.model.conv_impl == "auto" and jax.default_backend() == "cpu"
-            and mesh.size == 1 and not onednn_conv.available())
 
 
 def library_versions() -> dict:
@@ -222,17 +210,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         else:
             state = create_state(config, ds.spec, tx, replicated)
         start = int(state.step)
-        conv_impl = _conv_impl(config, ds.spec)
+        backend, why = backends.select(config.model.backend, dtype=DTYPES[config.model.dtype])
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
             (workdir / "versions.json").write_text(
-                json.dumps({**library_versions(), "conv_impl": conv_impl}, indent=2))
+                json.dumps({**library_versions(), "backend": backend,
+                            "backend_reason": why}, indent=2))
         logger = MetricsLogger(workdir, t.num_steps, start, t.batch_size, interactive)
         if start:
             logger.message(f"Resumed {workdir} from step {start}.")
-        if conv_impl == "xla" and _onednn_would_help(config, mesh):
-            logger.message(f"oneDNN unavailable ({onednn_conv.unavailable_reason()}): XLA's "
-                           "convolutions, slower on CPU.")
+        if why.startswith("not oneDNN") and config.model.backend == "auto" and mesh.size == 1:
+            logger.message(f"Backend xla_cpu: {why}.")
         data = replicate((ds.train_images, ds.train_labels, ds.stats), mesh)
         run_block = jit_train_block(config, train_def, tx, schedule, mesh, t.steps_per_call)
         run_one = jit_train_block(config, train_def, tx, schedule, mesh, 1)

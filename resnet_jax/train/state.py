@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from resnet_jax import models
+from resnet_jax import backends, models
 from resnet_jax.data import DataSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -41,8 +41,10 @@ class TrainState:
 
 def model_from_config(config: ml_collections.ConfigDict, spec: DataSpec,
                       seed: int = 0) -> models.ResNet:
-    """Builds the configured network for a dataset's classes and channels."""
+    """Builds the configured network for a dataset's classes and channels, with the layers of
+    the backend `config.model.backend` resolves to on this machine (`backends.select`)."""
     m = config.model
+    backend, _ = backends.select(m.backend, dtype=DTYPES[m.dtype])
     return models.build(
         m.family,
         m.depth,
@@ -57,7 +59,7 @@ def model_from_config(config: ml_collections.ConfigDict, spec: DataSpec,
         bn_group_size=m.bn_group_size,
         scan_blocks=m.scan_blocks,
         remat=m.remat,
-        conv_impl=m.get("conv_impl", "auto"),
+        layer_factory=backends.layer_factory(backend),
     )
 
 

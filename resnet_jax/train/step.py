@@ -90,7 +90,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         metrics = {
             "loss": loss,
             "error": 100.0 * jnp.mean(jnp.argmax(logits, -1) != y),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
             "finite": finite,
         }

@@ -1,14 +1,15 @@
-"""oneDNN's direct convolutions as XLA custom calls, on channel-blocked activations (CPU only).
+"""oneDNN's direct convolutions as XLA custom calls (CPU only).
 
 Why: XLA:CPU runs every convolution as Eigen's im2col + GEMM. For the 16-channel convolutions of a
 CIFAR ResNet's first stage, building the im2col panels takes 40-44% of the convolution's time, and
 the weight gradient needs transposed copies of its activations besides (docs/performance.md).
 oneDNN, the library behind PyTorch's CPU convolutions, has direct (JIT-compiled, im2col-free)
 kernels for the forward pass and both gradients, but only on its *blocked* activation layout
-`nChw8c`: channels split into blocks of 8, the block innermost. Here that layout is a plain
-array of shape (N, C/8, H, W, 8), so a whole network can keep its activations in it: BatchNorm,
-ReLU, the residual additions and the option A shortcut are layout-agnostic elementwise ops and
-reductions (see `resnet_jax.models`), and no reorder runs between convolutions.
+`nChw{B}c`: channels split into blocks of B, the block innermost, B = 16 on AVX-512 processors and
+8 on AVX2 ones (`BLOCK`). Here that layout is a plain array of shape (N, C/B, H, W, B).
+`conv2d_nhwc` takes and returns NHWC, like `lax.conv`, so the models never see the layout: the
+reorders around each call are transposes that XLA fuses into the neighbouring BN/ReLU/addition
+(and with B = 16, a 16-channel first stage needs none at all).
 
 How: each distinct convolution (pass, shapes, stride, padding) becomes one oneDNN primitive,
 created when jax traces the call, and one XLA FFI target whose handler (a ctypes callback,
@@ -18,8 +19,8 @@ HWIO like `nnx.Conv`'s (checkpoints do not change); they are reordered to oneDNN
 layouts inside the jitted computation (a few thousand numbers per layer).
 
 The shared library comes from the `onednn-cpu-gomp` wheel (Intel's oneDNN 3.2 build with GNU
-OpenMP; a dependency on Linux x86-64). `available()` says whether it loaded; models fall back to
-XLA's convolutions when it did not (`resnet_jax.models.resnet.ResNet`, `conv_impl`).
+OpenMP; a dependency on Linux x86-64). `available()` says whether it loaded; the backend choice
+(`resnet_jax.backends.select`) falls back to XLA's convolutions when it did not.
 """
 
 from __future__ import annotations
@@ -35,15 +36,33 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.kernels import ffi_ctypes
+from resnet_jax.backends import cpu_isa
+from resnet_jax.backends.onednn import ffi_ctypes
 
-BLOCK = 8  # oneDNN's channel block for AVX2 kernels (`nChw8c`); AVX-512 machines run them too.
 ENV_LIBRARY = "RESNET_JAX_ONEDNN_LIBRARY"  # path of libdnnl.so.3, overriding the wheel's
+ENV_BLOCK = "RESNET_JAX_ONEDNN_BLOCK"  # 8 or 16, overriding the channel block chosen by ISA
+
+
+def _channel_block() -> int:
+    """oneDNN's native channel block on this CPU: 16 (`nChw16c`) with AVX-512, else 8."""
+    if os.environ.get(ENV_BLOCK):
+        block = int(os.environ[ENV_BLOCK])
+        if block not in (8, 16):
+            raise ValueError(f"${ENV_BLOCK}={block} is not valid; choose 8 or 16.")
+        return block
+    return 16 if cpu_isa() == "avx512" else 8
+
+
+BLOCK = _channel_block()
 
 # oneDNN C API constants (oneapi/dnnl/dnnl_types.h, v3.2).
 _F32, _CPU_ENGINE, _DEFAULT_STREAM = 3, 1, 1
 _FORWARD_TRAINING, _DIRECT = 64, 1
-_TAGS = {"nchw": 5, "nChw8c": 102, "OIhw8i8o": 107, "OIhw8o8i": 100, "Ohwi8o": 216}
+# Format tags (dnnl_format_tag_t) by our names: activations "blocked" (nChw{B}c), weights "w_io"
+# (OIhw{B}i{B}o: forward and weight gradient), "w_oi" (OIhw{B}o{B}i: input gradient) and
+# "w_first" (Ohwi{B}o: a first layer reading NCHW images), for each channel block B.
+_TAGS = {8: {"nchw": 5, "blocked": 102, "w_io": 107, "w_oi": 100, "w_first": 216},
+         16: {"nchw": 5, "blocked": 78, "w_io": 79, "w_oi": 75, "w_first": 211}}[BLOCK]
 _ARG_SRC, _ARG_WEIGHTS, _ARG_DST = 1, 33, 17
 _ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 129, 145, 161
 _QUERY_IMPL_INFO_STR, _QUERY_EXEC_ARG_MD = 8, 255
@@ -167,7 +186,7 @@ class ConvShape:
     kw: int
     stride: int
     padding: tuple[int, int, int, int]  # top, bottom, left, right
-    src: str  # "nChw8c", or "nchw" for a first layer whose channels are no multiple of 8
+    src: str  # "blocked", or "nchw" for a first layer whose channels are no multiple of BLOCK
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -178,7 +197,7 @@ class ConvShape:
     @property
     def weights_tag(self) -> str:
         """oneDNN's weight layout for the forward pass and the weight gradient."""
-        return "Ohwi8o" if self.src == "nchw" else "OIhw8i8o"
+        return "w_first" if self.src == "nchw" else "w_io"
 
     @property
     def key(self) -> str:
@@ -192,7 +211,7 @@ def _create(shape: ConvShape) -> None:
     lib, eng = _lib(), _engine()
     ho, wo = shape.out_hw
     src = _memory_desc([shape.n, shape.c_in, shape.h, shape.w], shape.src)
-    dst = _memory_desc([shape.n, shape.c_out, ho, wo], "nChw8c")
+    dst = _memory_desc([shape.n, shape.c_out, ho, wo], "blocked")
     w_dims = [shape.c_out, shape.c_in, shape.kh, shape.kw]
     w_fwd = _memory_desc(w_dims, shape.weights_tag)
     pt, pb, pl, pr = shape.padding
@@ -208,8 +227,8 @@ def _create(shape: ConvShape) -> None:
     _PRIMITIVES["f" + shape.key] = _primitive(fwd, (_ARG_SRC, _ARG_WEIGHTS), _ARG_DST)
     _PRIMITIVES["w" + shape.key] = _primitive(bwd_weights, (_ARG_SRC, _ARG_DIFF_DST),
                                               _ARG_DIFF_WEIGHTS)
-    if shape.src == "nChw8c":  # a first layer's input (the image) needs no gradient
-        w_bwd = _memory_desc(w_dims, "OIhw8o8i")
+    if shape.src == "blocked":  # a first layer's input (the image) needs no gradient
+        w_bwd = _memory_desc(w_dims, "w_oi")
         _check(lib.dnnl_convolution_backward_data_primitive_desc_create(
             ctypes.byref(bwd_data), eng, _DIRECT, src, w_bwd, dst, strides, dilation,
             pad_l, pad_r, fwd, None), f"convolution {shape.key} (input gradient)")
@@ -273,8 +292,9 @@ def _target(shape: ConvShape, kind: str) -> str:
 
 
 def _call(shape: ConvShape, kind: str, out_shape: tuple[int, ...], *operands: jax.Array):
-    return jax.ffi.ffi_call(_target(shape, kind),
-                            jax.ShapeDtypeStruct(out_shape, jnp.float32))(*operands)
+    # Under vmap (packed seeds) each member of the batch is one more call of the same primitive.
+    return jax.ffi.ffi_call(_target(shape, kind), jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                            vmap_method="sequential")(*operands)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,13 +302,13 @@ def _call(shape: ConvShape, kind: str, out_shape: tuple[int, ...], *operands: ja
 
 
 def to_blocked(x: jax.Array) -> jax.Array:
-    """NHWC -> (N, C/8, H, W, 8), oneDNN's `nChw8c`."""
+    """NHWC -> (N, C/B, H, W, B), oneDNN's `nChw{B}c` for the channel block B = BLOCK."""
     n, h, w, c = x.shape
     return x.reshape(n, h, w, c // BLOCK, BLOCK).transpose(0, 3, 1, 2, 4)
 
 
 def from_blocked(x: jax.Array) -> jax.Array:
-    """(N, C/8, H, W, 8) -> NHWC."""
+    """(N, C/B, H, W, B) -> NHWC."""
     n, cb, h, w, b = x.shape
     return x.transpose(0, 2, 3, 1, 4).reshape(n, h, w, cb * b)
 
@@ -297,20 +317,20 @@ def _kernel_to(k: jax.Array, tag: str) -> jax.Array:
     """HWIO kernel -> oneDNN weight layout `tag`."""
     kh, kw, ci, co = k.shape
     b = BLOCK
-    if tag == "OIhw8i8o":  # [O/8, I/8, H, W, 8i, 8o]
+    if tag == "w_io":  # [O/B, I/B, H, W, Bi, Bo]
         return k.reshape(kh, kw, ci // b, b, co // b, b).transpose(4, 2, 0, 1, 3, 5)
-    if tag == "OIhw8o8i":  # [O/8, I/8, H, W, 8o, 8i]
+    if tag == "w_oi":  # [O/B, I/B, H, W, Bo, Bi]
         return k.reshape(kh, kw, ci // b, b, co // b, b).transpose(4, 2, 0, 1, 5, 3)
-    if tag == "Ohwi8o":  # [O/8, H, W, I, 8o]
+    if tag == "w_first":  # [O/B, H, W, I, Bo]
         return k.reshape(kh, kw, ci, co // b, b).transpose(3, 0, 1, 2, 4)
     raise ValueError(f"unknown weight layout {tag!r}")
 
 
 def _kernel_from(kb: jax.Array, tag: str, hwio: tuple[int, ...]) -> jax.Array:
     """Inverse of `_kernel_to`."""
-    if tag == "OIhw8i8o":
+    if tag == "w_io":
         return kb.transpose(2, 3, 1, 4, 0, 5).reshape(hwio)
-    if tag == "Ohwi8o":
+    if tag == "w_first":
         return kb.transpose(1, 2, 3, 0, 4).reshape(hwio)
     raise ValueError(f"unknown weight layout {tag!r}")
 
@@ -321,13 +341,13 @@ def conv_shape(x_shape: Sequence[int], k_shape: Sequence[int], stride: int,
     kh, kw, ci, co = k_shape
     if len(x_shape) == 5:
         n, cb, h, w, b = x_shape
-        src, c_in = "nChw8c", cb * b
+        src, c_in = "blocked", cb * b
     else:
         n, c_in, h, w = x_shape
         src = "nchw"
     if c_in != ci:
         raise ValueError(f"input has {c_in} channels, the kernel expects {ci}")
-    if co % BLOCK or (src == "nChw8c" and ci % BLOCK):
+    if co % BLOCK or (src == "blocked" and ci % BLOCK):
         raise ValueError(f"oneDNN blocked convolutions need channel counts divisible by {BLOCK}; "
                          f"got {ci} -> {co}")
     return ConvShape(n, c_in, h, w, co, kh, kw, stride, tuple(padding), src)
@@ -357,8 +377,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int,
            padding: tuple[int, int, int, int]) -> jax.Array:
     """2-D convolution (cross-correlation, as `lax.conv`) by oneDNN; float32 only.
 
-    x: blocked activations (N, C/8, H, W, 8), or an NCHW image batch (N, C, H, W) for a first
-    layer; kernel: HWIO; padding: (top, bottom, left, right). Returns (N, O/8, H', W', 8).
+    x: blocked activations (N, C/B, H, W, B), or an NCHW image batch (N, C, H, W) for a first
+    layer; kernel: HWIO; padding: (top, bottom, left, right). Returns (N, O/B, H', W', B).
     Gradients: oneDNN's input- and weight-gradient kernels. A pass for which oneDNN has no JIT
     kernel (an image's gradient; a 1-channel first layer's weight gradient) is XLA's.
     """
@@ -386,10 +406,33 @@ def _conv2d_bwd(stride, padding, res, dy):
     else:
         (dk,) = jax.vjp(lambda k: _xla_conv2d(x32, k, stride, padding), k32)[1](dy)
     if _jit_kernel(s, "d"):
-        dx = _call(s, "d", x.shape, dy, _kernel_to(k32, "OIhw8o8i"))
+        dx = _call(s, "d", x.shape, dy, _kernel_to(k32, "w_oi"))
     else:  # unused for an image batch (XLA removes it), but a correct gradient
         (dx,) = jax.vjp(lambda v: _xla_conv2d(v, k32, stride, padding), x32)[1](dy)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def unsupported(x_shape: Sequence[int], k_shape: Sequence[int], dtype) -> str | None:
+    """Why `conv2d_nhwc` cannot run this NHWC input / HWIO kernel (None: it can)."""
+    if len(x_shape) != 4 or len(k_shape) != 4:
+        return f"a {len(x_shape)}-D input (NHWC only)"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"dtype {jnp.dtype(dtype).name} (float32 only)"
+    if k_shape[3] % BLOCK:
+        return f"{k_shape[3]} output channels (needs a multiple of {BLOCK})"
+    return None
+
+
+def conv2d_nhwc(x: jax.Array, kernel: jax.Array, stride: int,
+                padding: tuple[int, int, int, int]) -> jax.Array:
+    """`conv2d` with NHWC input and output, like `lax.conv` with ("NHWC", "HWIO", "NHWC").
+
+    The layout changes around the call are transposes that XLA fuses into the neighbouring
+    elementwise ops (BN, ReLU, the residual addition), which read and write the activations
+    anyway; a first layer with few input channels reads the images as NCHW.
+    """
+    xin = to_blocked(x) if x.shape[-1] % BLOCK == 0 else x.transpose(0, 3, 1, 2)
+    return from_blocked(conv2d(xin, kernel, stride, padding))

@@ -1,4 +1,4 @@
-"""BatchNorm with a closed-form backward pass; the parameters and maths of nnx.BatchNorm.
+"""BatchNorm with a closed-form backward pass (CPU); the parameters and maths of nnx.BatchNorm.
 
 In training mode BN's output depends on the batch through its mean and variance. Automatic
 differentiation of `nnx.BatchNorm` follows those dependencies one by one (three reductions per layer
@@ -49,10 +49,9 @@ def _normalize_bwd(axes, res, g):
         n *= x.shape[a]
     g = g.astype(jnp.float32)
     x32 = x.astype(jnp.float32)
-    keepdims = mean.ndim == x.ndim  # statistics shaped like x (the blocked layout) or (C,)
-    dbias = jnp.sum(g, axes, keepdims=keepdims)
+    dbias = jnp.sum(g, axes)
     # = sum(g * xhat), without a reduction over xhat (module docstring: why).
-    dscale = inv * (jnp.sum(g * x32, axes, keepdims=keepdims) - mean * dbias)
+    dscale = inv * (jnp.sum(g * x32, axes) - mean * dbias)
     xhat = (x32 - mean) * inv
     dx = (scale * inv) * (g - dbias / n - xhat * (dscale / n))
     # mean and inv carry no gradient of their own: their effect on x's gradient is in dx.
@@ -68,16 +67,11 @@ class BatchNorm(nnx.BatchNorm):
     Training mode over the last axis uses `normalize`; anything else (running averages, masks,
     cross-device `axis_name`, other axes, no scale or bias) is `nnx.BatchNorm` unchanged.
     Statistics are computed in float32 whatever the compute dtype, as in `nnx.BatchNorm`.
-
-    A 5-D input is in oneDNN's blocked layout (N, C/8, H, W, 8) (`resnet_jax.kernels`): channel
-    c is at [:, c // 8, :, :, c % 8]; the same statistics, updates and outputs, per channel.
     """
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
                  mask: jax.Array | None = None) -> jax.Array:
         running = self.use_running_average if use_running_average is None else use_running_average
-        if x.ndim == 5:
-            return self._blocked(x, running)
         plain = (self.axis in (-1, x.ndim - 1) and mask is None and self.axis_name is None
                  and self.scale is not None and self.bias is not None and self.use_fast_variance)
         if running or not plain:
@@ -92,30 +86,4 @@ class BatchNorm(nnx.BatchNorm):
         self.var[...] = m * self.var[...] + (1 - m) * var
         y = normalize(x, mean, jax.lax.rsqrt(var + self.epsilon), self.scale[...],
                       self.bias[...], axes)
-        return y.astype(self.dtype or x.dtype)
-
-    def _blocked(self, x: jax.Array, running: bool) -> jax.Array:
-        """BN of blocked activations (N, C/8, H, W, 8): statistics over axes 0, 2 and 3."""
-        if self.axis_name is not None or self.scale is None or self.bias is None:
-            raise ValueError("BatchNorm on blocked activations supports neither axis_name nor "
-                             "use_scale/use_bias=False")
-        _, cb, _, _, b = x.shape
-
-        def blocked(v: jax.Array) -> jax.Array:  # (C,) -> broadcastable against x
-            return v.reshape(1, cb, 1, 1, b)
-
-        scale, bias = blocked(self.scale[...]), blocked(self.bias[...])
-        if running:
-            inv = jax.lax.rsqrt(blocked(self.var[...]) + self.epsilon)
-            y = (x.astype(jnp.float32) - blocked(self.mean[...])) * (inv * scale) + bias
-            return y.astype(self.dtype or x.dtype)
-        axes = (0, 2, 3)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axes, keepdims=True)
-        var = jnp.maximum(jnp.mean(jnp.square(x32), axes, keepdims=True) - jnp.square(mean), 0.0)
-        mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
-        m = self.momentum
-        self.mean[...] = m * self.mean[...] + (1 - m) * mean.reshape(-1)
-        self.var[...] = m * self.var[...] + (1 - m) * var.reshape(-1)
-        y = normalize(x, mean, jax.lax.rsqrt(var + self.epsilon), scale, bias, axes)
         return y.astype(self.dtype or x.dtype)

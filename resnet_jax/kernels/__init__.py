@@ -1,1 +1,0 @@
-"""Hand-picked CPU kernels that XLA lacks (optional; the models fall back to XLA without them)."""
