@@ -49,12 +49,26 @@ def _add_configs(sub) -> None:
 
 
 def _run_configs(args, overrides: list[str]) -> int:
-    from resnet_jax.config import available_presets, load_config
+    from resnet_jax.config import (
+        ConfigError,
+        apply_overrides,
+        available_presets,
+        get_preset,
+        preset_obstacle,
+        validate,
+    )
 
     if args.name:
-        print(load_config(args.name, overrides))
-    else:
-        print("\n".join(available_presets()))
+        config = apply_overrides(get_preset(args.name), overrides)
+        print(config)
+        try:
+            validate(config)
+        except ConfigError as e:  # shown, so a preset that cannot run yet can still be read
+            print(f"(cannot run yet: {e})", file=sys.stderr)
+        return 0
+    for name in available_presets():
+        why = preset_obstacle(name)
+        print(name if why is None else f"{name}  (cannot run yet: {why})")
     return 0
 
 
