@@ -297,13 +297,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                f"choose one of {sorted(IMAGENET_STAGE_SIZES)} for {m.family}")
     _check(0 <= m.bn_momentum < 1, "model.bn_momentum", m.bn_momentum, "must be in [0, 1)")
     _positive(config, "model.bn_epsilon")
-    from resnet_jax.data import DATASETS
+    from resnet_jax.data import DATASET_NAMES
 
-    if config.data.name not in DATASETS:
-        close = difflib.get_close_matches(str(config.data.name), DATASETS, n=2)
+    if config.data.name not in DATASET_NAMES:
+        close = difflib.get_close_matches(str(config.data.name), DATASET_NAMES, n=2)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         _check(False, "data.name", config.data.name,
-               f"choose one of {tuple(sorted(DATASETS))}{hint}")
+               f"choose one of {tuple(sorted(DATASET_NAMES))}{hint}")
     _check(config.data.name not in NEEDS_STREAMING, "data.name", config.data.name,
            "it needs a streaming input pipeline (data larger than device memory), which "
            "resnet_jax does not have yet; every other dataset fits in device memory")

@@ -4,14 +4,21 @@ See docs/data.md for usage.
 """
 
 from resnet_jax.data.augment import AugmentConfig, augment, random_crop, random_flip
-from resnet_jax.data.catalog import DATASETS, DatasetNotFoundError, get_info
+from resnet_jax.data.catalog import (
+    DATASET_NAMES,
+    DATASETS,
+    IMAGE_FOLDER,
+    DatasetNotFoundError,
+    get_info,
+)
 from resnet_jax.data.config import (
     NORMALIZATIONS,
     SOURCES,
     default_data_config,
     validate_data_config,
 )
-from resnet_jax.data.loader import Dataset, DataSpec, load_dataset, load_raw
+from resnet_jax.data.folders import FolderLayoutError, ImageDecodeError
+from resnet_jax.data.loader import Dataset, DataSpec, load_dataset, load_raw, load_split
 from resnet_jax.data.pipeline import (
     batch_indices,
     data_keys,
@@ -26,12 +33,16 @@ from resnet_jax.data.splits import split_indices
 
 __all__ = [
     "DATASETS",
+    "DATASET_NAMES",
+    "IMAGE_FOLDER",
     "NORMALIZATIONS",
     "SOURCES",
     "AugmentConfig",
     "DataSpec",
     "Dataset",
     "DatasetNotFoundError",
+    "FolderLayoutError",
+    "ImageDecodeError",
     "NormStats",
     "augment",
     "batch_indices",
@@ -44,6 +55,7 @@ __all__ = [
     "get_info",
     "load_dataset",
     "load_raw",
+    "load_split",
     "normalize",
     "random_crop",
     "random_flip",

@@ -50,6 +50,17 @@ _FASHION_CLASSES = (
     "Bag",
     "Ankle boot",
 )
+# The fine labels in label order (alphabetical), as the archives' meta files list them.
+_CIFAR100_CLASSES = tuple(
+    """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+    butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
+    crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo
+    keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse
+    mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy
+    porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper
+    snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television
+    tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
+)
 _DIGITS = tuple(str(i) for i in range(10))
 MNIST_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -69,11 +80,10 @@ DATASETS: dict[str, DatasetInfo] = {
         (("cifar-10-binary.tar.gz",), ("cifar-10-python.tar.gz",)),
     ),
     "cifar100": DatasetInfo(
-        # Fine class names are read from the archive / TFDS metadata when available.
         "cifar100",
         100,
         (32, 32, 3),
-        tuple(str(i) for i in range(100)),
+        _CIFAR100_CLASSES,
         "cifar100",
         (("cifar-100-binary.tar.gz",), ("cifar-100-python.tar.gz",)),
     ),
@@ -96,15 +106,24 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
 }
 BUNDLED = ("fashion_mnist_sample",)
+# Any class-folder dataset: classes and image shape come from the data (source="folder").
+IMAGE_FOLDER = "image_folder"
+DATASET_NAMES = (*DATASETS, IMAGE_FOLDER)
 
 
 def get_info(name: str) -> DatasetInfo:
-    """Return the catalog entry for `name`, or raise ValueError listing the known names."""
+    """Return the catalog entry for `name`, or raise ValueError listing the known names.
+
+    `image_folder` has no entry: its classes and shape come from the data.
+    """
     try:
         return DATASETS[name]
     except KeyError:
+        if name == IMAGE_FOLDER:
+            raise ValueError(f"{IMAGE_FOLDER!r} has no catalogue entry: its classes and image "
+                             "shape come from the data") from None
         raise ValueError(
-            f"Unknown dataset name {name!r}; known datasets: {', '.join(sorted(DATASETS))}"
+            f"Unknown dataset name {name!r}; known datasets: {', '.join(sorted(DATASET_NAMES))}"
         ) from None
 
 

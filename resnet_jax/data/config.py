@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ml_collections
 
-SOURCES = ("auto", "tfds", "archive", "bundled")
+from resnet_jax.data.catalog import IMAGE_FOLDER
+
+SOURCES = ("auto", "tfds", "archive", "folder", "bundled")
 NORMALIZATIONS = ("mean_image", "per_channel", "none")
 
 
@@ -13,10 +15,16 @@ def default_data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         {
             "name": "cifar10",
-            # auto: bundled sample -> local archive (if present) -> TFDS.
+            # auto: bundled sample -> local archive (if present) -> class folders in data_dir
+            # (if it holds train/) -> TFDS.
             "source": "auto",
             # None: $RESNET_JAX_DATA, then ~/.cache/resnet_jax (archives) / TFDS's default dir.
+            # source="folder": a directory or .tar/.tar.gz holding train/<class>/* and test/...
             "data_dir": ml_collections.FieldReference(None, field_type=str),
+            # Decoded class-folder images; None: $XDG_CACHE_HOME or ~/.cache, /resnet_jax/decoded.
+            "cache_dir": ml_collections.FieldReference(None, field_type=str),
+            # Processes decoding class-folder images the first time; 0: one per CPU.
+            "decode_workers": 0,
             "validation_size": 5000,
             "split_seed": 0,
             "normalization": "mean_image",
@@ -36,8 +44,20 @@ def _choice(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...
 def validate_data_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the key, the bad value and the valid choices."""
     _choice(config, "source", SOURCES)
+    if config.source == "folder" and not config.data_dir:
+        raise ValueError(
+            "config.data.source='folder' needs config.data.data_dir: a directory or a .tar/.tar.gz "
+            "holding train/<class>/* and test/<class>/* (or val/<class>/*)"
+        )
+    if config.name == IMAGE_FOLDER and (config.source not in ("auto", "folder")
+                                        or not config.data_dir):
+        raise ValueError(
+            f"config.data.name='image_folder' reads class folders: set config.data.source to "
+            f"'folder' (not {config.source!r}) and config.data.data_dir to a directory or "
+            ".tar/.tar.gz holding train/<class>/* and test/<class>/*"
+        )
     _choice(config, "normalization", NORMALIZATIONS)
-    for key in ("validation_size", "pad"):
+    for key in ("validation_size", "pad", "decode_workers"):
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"config.data.{key}={value!r} must be an integer >= 0")

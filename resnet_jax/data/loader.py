@@ -11,6 +11,7 @@ from resnet_jax.data.archives import read_archive
 from resnet_jax.data.bundled import load_bundled
 from resnet_jax.data.catalog import (
     BUNDLED,
+    IMAGE_FOLDER,
     DatasetInfo,
     DatasetNotFoundError,
     find_archive,
@@ -18,6 +19,8 @@ from resnet_jax.data.catalog import (
     where_to_put,
 )
 from resnet_jax.data.config import validate_data_config
+from resnet_jax.data.folder_source import load_folder
+from resnet_jax.data.folders import HELD_OUT, TRAIN, looks_like_image_tree
 from resnet_jax.data.preprocess import NormStats, compute_stats
 from resnet_jax.data.splits import split_indices
 from resnet_jax.data.tfds_source import load_tfds
@@ -53,8 +56,15 @@ class Dataset:
     stats: NormStats
 
 
-def resolve_source(info: DatasetInfo, source: str, data_dir: str | None) -> str:
-    """Which source "auto" means for this dataset, and a check that an explicit one applies."""
+def resolve_source(info: DatasetInfo | None, source: str, data_dir: str | None) -> str:
+    """Which source "auto" means for this dataset, and a check that an explicit one applies.
+
+    `info` is None for `image_folder`, which only class folders can hold.
+    """
+    if info is None:
+        if source not in ("auto", "folder"):
+            raise ValueError(f"{IMAGE_FOLDER!r} is read from class folders; use source='folder'")
+        return "folder"
     if info.name in BUNDLED:
         if source not in ("auto", "bundled"):
             raise ValueError(f"{info.name!r} is bundled; use source='bundled' or 'auto'")
@@ -62,15 +72,42 @@ def resolve_source(info: DatasetInfo, source: str, data_dir: str | None) -> str:
     if source == "bundled":
         raise ValueError(f"source='bundled' only serves {BUNDLED}, not {info.name!r}")
     if source == "auto":
-        return "archive" if find_archive(info, data_dir) else "tfds"
+        if find_archive(info, data_dir):
+            return "archive"
+        return "folder" if looks_like_image_tree(data_dir) else "tfds"
     return source
 
 
-def load_raw(name: str, source: str = "auto", data_dir: str | None = None):
-    """Return (train, test, class_names, resolved_source) before any split or normalisation."""
-    info = get_info(name)
+def _folder(name: str, data_dir: str | None, cache_dir: str | None, workers: int,
+            splits=(TRAIN, HELD_OUT), classes=None, image_shape=None):
+    if not data_dir:
+        raise ValueError("source='folder' needs config.data.data_dir (a directory or .tar/.tar.gz "
+                         "holding train/<class>/* and test/<class>/*)")
+    if name != IMAGE_FOLDER and classes is None:
+        info = get_info(name)
+        if info.name == "imagenet2012":
+            raise NotImplementedError(
+                "imagenet2012 needs a streaming input pipeline, which resnet_jax.data does not "
+                "support yet; only datasets that fit in device memory are implemented."
+            )
+        classes, image_shape = info.class_names, info.image_shape
+    return load_folder(data_dir, dataset=name, splits=splits, classes=classes,
+                       image_shape=image_shape, cache_dir=cache_dir, workers=workers or None)
+
+
+def load_raw(name: str, source: str = "auto", data_dir: str | None = None,
+             cache_dir: str | None = None, decode_workers: int = 0):
+    """Return (train, test, class_names, resolved_source) before any split or normalisation.
+
+    For `image_folder` the class names are train/'s folders and the image shape is the data's.
+    `cache_dir` and `decode_workers` (0: one per CPU) apply to class folders only.
+    """
+    info = None if name == IMAGE_FOLDER else get_info(name)
     resolved = resolve_source(info, source, data_dir)
     names = None
+    if resolved == "folder":
+        splits, names, _ = _folder(name, data_dir, cache_dir, decode_workers)
+        return splits[TRAIN], splits[HELD_OUT], names, resolved
     if resolved == "bundled":
         train, test = load_bundled(name)
     elif resolved == "archive":
@@ -95,19 +132,19 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     """Load, split (seeded validation hold-out) and compute normalisation stats on train only."""
     validate_data_config(config)
     (x, y), (x_test, y_test), class_names, resolved = load_raw(
-        config.name, config.source, config.data_dir
+        config.name, config.source, config.data_dir, config.get("cache_dir"),
+        config.get("decode_workers", 0)
     )
     train_idx, val_idx = split_indices(len(x), config.validation_size, config.split_seed)
     x_train, y_train = x[train_idx], y[train_idx]
     # Statistics from the training split only: validation and test stay unseen.
     stats = compute_stats(x_train, config.normalization)
-    info = get_info(config.name)
     spec = DataSpec(
         name=config.name,
         source=resolved,
-        num_classes=info.num_classes,
-        image_shape=info.image_shape,
-        class_names=class_names,
+        num_classes=len(class_names),
+        image_shape=tuple(int(d) for d in x.shape[1:]),
+        class_names=tuple(class_names),
         num_train=len(train_idx),
         num_validation=len(val_idx),
         num_test=len(x_test),
@@ -115,3 +152,39 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     return Dataset(
         x_train, y_train, x[val_idx], y[val_idx], x_test, y_test.astype(np.int32), spec, stats
     )
+
+
+def load_split(config: ml_collections.ConfigDict, split: str, spec: DataSpec) -> Split:
+    """The (images, labels) of one split ("test" or "validation") of a trained run's data.
+
+    Scoring the test split of class folders decodes only test/ (or val/); the validation split
+    is carved from train as in training. The data's classes and shape must be the run's `spec`
+    (ValueError otherwise), so labels mean what they meant in training.
+    """
+    validate_data_config(config)
+    if split not in ("test", "validation"):
+        raise ValueError(f"split {split!r} is not valid; choose 'test' or 'validation'")
+    info = None if config.name == IMAGE_FOLDER else get_info(config.name)
+    if resolve_source(info, config.source, config.data_dir) == "folder":
+        part = HELD_OUT if split == "test" else TRAIN
+        splits, names, _ = _folder(config.name, config.data_dir, config.get("cache_dir"),
+                                   config.get("decode_workers", 0), (part,), spec.class_names,
+                                   spec.image_shape)
+        images, labels = splits[part]
+    else:
+        (images, labels), test, names, _ = load_raw(
+            config.name, config.source, config.data_dir, config.get("cache_dir"),
+            config.get("decode_workers", 0))
+        if split == "test":
+            images, labels = test
+        if tuple(names) != tuple(spec.class_names) or tuple(images.shape[1:]) != tuple(
+                spec.image_shape):
+            raise ValueError(
+                f"the {config.name} data found now has classes {list(names)} and images "
+                f"{tuple(images.shape[1:])}, but the run was trained on classes "
+                f"{list(spec.class_names)} and images {tuple(spec.image_shape)}"
+            )
+    if split == "validation":
+        _, val_idx = split_indices(len(images), config.validation_size, config.split_seed)
+        images, labels = images[val_idx], labels[val_idx]
+    return images, labels.astype(np.int32)
