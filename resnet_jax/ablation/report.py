@@ -99,18 +99,28 @@ def collect_runs(root: str | Path) -> list[RunResult]:
     return sorted(runs, key=lambda r: (order.index(r.kind), r.depth, r.seed))
 
 
-def count_params(cfg: dict) -> int:
-    """Trainable parameters of a run's network, built abstractly (no memory, no compute)."""
+def count_params(cfg: dict, workdir: Path | None = None) -> int:
+    """Trainable parameters of a run's network, built abstractly (no memory, no compute).
+
+    Classes and channels come from the run's dataset spec if `workdir` has one, else from the
+    catalogue entry of its dataset.
+    """
     from flax import nnx
 
     from resnet_jax import models
     from resnet_jax.data import get_info
+    from resnet_jax.rundir.spec import read_spec
 
-    info = get_info(cfg["data"]["name"])
+    saved = read_spec(workdir) if workdir is not None else None
+    if saved is not None:
+        num_classes, channels = saved[0].num_classes, saved[0].image_shape[-1]
+    else:
+        info = get_info(cfg["data"]["name"])
+        num_classes, channels = info.num_classes, info.image_shape[-1]
     m = cfg["model"]
     model = nnx.eval_shape(lambda: models.build(
-        m["family"], m["depth"], shortcut=m["shortcut"] or None, num_classes=info.num_classes,
-        in_channels=info.image_shape[-1]))
+        m["family"], m["depth"], shortcut=m["shortcut"] or None, num_classes=num_classes,
+        in_channels=channels))
     return models.count_params(model)
 
 
@@ -132,7 +142,8 @@ def table6(runs: list[RunResult]) -> list[dict]:
     for kind, depth in keys:
         group = [r for r in runs if (r.kind, r.depth) == (kind, depth)]
         done = [r for r in group if r.finished and r.test_error is not None]
-        row = {"kind": kind, "depth": depth, "params": count_params(group[0].config),
+        params = count_params(group[0].config, group[0].workdir)
+        row = {"kind": kind, "depth": depth, "params": params,
                "seeds": len(group), "finished": len(done), "dataset": group[0].dataset,
                "steps": group[0].num_steps}
         if done:

@@ -220,12 +220,16 @@ def _name(source: ImageInput) -> str:
 
 def from_run(workdir: str | Path, step: int | None = None, best: bool = False,
              batch_size: int = DEFAULT_BATCH_SIZE) -> Classifier:
-    """A classifier from a run directory's checkpoint (the newest, `step`, or the best)."""
-    from resnet_jax.train import restore_run
+    """A classifier from a run directory's checkpoint (the newest, `step`, or the best).
 
-    config, ds, state, eval_def, mesh = restore_run(workdir, step=step, best=best)
-    return Classifier(model_config=config.model, spec=ds.spec, params=state.params,
-                      batch_stats=state.batch_stats, stats=ds.stats, graphdef=eval_def,
+    Needs nothing but the run directory: class names, image shape and normalisation come from
+    its dataset spec (runs written before the spec existed load their dataset instead).
+    """
+    from resnet_jax.train import restore_model
+
+    config, spec, stats, state, eval_def, mesh = restore_model(workdir, step=step, best=best)
+    return Classifier(model_config=config.model, spec=spec, params=state.params,
+                      batch_stats=state.batch_stats, stats=stats, graphdef=eval_def,
                       step=int(state.step), source=str(Path(workdir).absolute()),
                       batch_size=batch_size, mesh=mesh)
 

@@ -80,25 +80,25 @@ def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = Fals
     error (%), per-class accuracy, the confusion matrix, the values the run logged for the same
     step and split (if any), and the paths of the JSON file and the confusion-matrix PNG.
     """
-    from resnet_jax.data import replicate
-    from resnet_jax.train import evaluate_split, make_eval_step, restore_run
+    from resnet_jax.data import load_split, replicate
+    from resnet_jax.train import evaluate_split, make_eval_step, restore_model
 
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not valid; choose one of {SPLITS}")
     workdir = Path(workdir).absolute()
-    config, ds, state, eval_def, mesh = restore_run(workdir, step=step, best=best)
-    images, labels = {"test": (ds.test_images, ds.test_labels),
-                      "validation": (ds.validation_images, ds.validation_labels)}[split]
-    if not len(images):
-        raise ValueError(f"the {split} split of {ds.spec.name} is empty in this run "
+    config, spec, stats, state, eval_def, mesh = restore_model(workdir, step=step, best=best)
+    if split == "validation" and not config.data.validation_size:
+        raise ValueError(f"the validation split of {spec.name} is empty in this run "
                          f"(config.data.validation_size={config.data.validation_size}).")
+    # Only the scored split's data is read; the statistics are the run's own.
+    images, labels = load_split(config.data, split, spec)
     step = int(state.step)
     eval_step = jax.jit(make_eval_step(eval_def))
     # Same batch size and replicated stats as the training loop: identical batches, same sums.
-    r = evaluate_split(eval_step, state, images, labels, replicate(ds.stats, mesh),
+    r = evaluate_split(eval_step, state, images, labels, replicate(stats, mesh),
                        config.train.eval_batch_size, mesh, return_logits=True)
-    names = tuple(ds.spec.class_names)
-    cm = confusion_matrix(labels, np.argmax(r["logits"], axis=-1), ds.spec.num_classes)
+    names = tuple(spec.class_names)
+    cm = confusion_matrix(labels, np.argmax(r["logits"], axis=-1), spec.num_classes)
     counts = cm.sum(axis=1)
     per_class = [{"class": i, "name": names[i], "count": int(counts[i]),
                   "accuracy": 100.0 * float(cm[i, i]) / counts[i] if counts[i] else None}
@@ -106,13 +106,13 @@ def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = Fals
     out = Path(out_dir) if out_dir is not None else workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{split}_step{step}"
-    png = plot_confusion(cm, names, f"{ds.spec.name} {split}, step {step}: "
+    png = plot_confusion(cm, names, f"{spec.name} {split}, step {step}: "
                          f"top-1 error {r['error']:.2f}%", out / f"{stem}_confusion.png")
     summary = {
         "run": str(workdir),
         "step": step,
         "split": split,
-        "dataset": ds.spec.name,
+        "dataset": spec.name,
         "count": int(r["count"]),
         "loss": r["loss"],
         "error": r["error"],

@@ -7,6 +7,7 @@ from resnet_jax.train.loop import (
     Preempted,
     make_mesh,
     maybe_initialize_distributed,
+    restore_model,
     restore_run,
     train_and_evaluate,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "make_train_step",
     "maybe_initialize_distributed",
     "model_from_config",
+    "restore_model",
     "restore_run",
     "train_and_evaluate",
 ]

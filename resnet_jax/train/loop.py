@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import backends
 from resnet_jax.config import ConfigError, load_run_config, resolve_steps_per_call, validate
 from resnet_jax.data import AugmentConfig, Dataset, load_dataset, replicate
+from resnet_jax.rundir.spec import read_spec, write_spec
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.logger import MetricsLogger
@@ -40,6 +41,7 @@ RESUMABLE_CHANGES = {
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.eval_splits", "train.checkpoint_every", "train.keep_checkpoints",
     "train.async_checkpoints", "train.steps_per_call", "data.data_dir", "data.source",
+    "data.cache_dir", "data.decode_workers",
     "model.backend", "model.conv_impl",  # the same maths by other kernels (conv_impl: old runs)
 }
 
@@ -216,6 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             (workdir / "versions.json").write_text(
                 json.dumps({**library_versions(), "backend": backend,
                             "backend_reason": why}, indent=2))
+            # What predict/export/load need of the data, so they work once it is gone.
+            write_spec(workdir, ds.spec, ds.stats, config.data.normalization)
         logger = MetricsLogger(workdir, t.num_steps, start, t.batch_size, interactive)
         if start:
             logger.message(f"Resumed {workdir} from step {start}.")
@@ -293,21 +297,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         ckpt.close(raise_errors=sys.exc_info()[0] is None)
 
 
-def restore_run(workdir: str | Path, step: int | None = None, best: bool = False,
-                devices=None):
-    """Restores a finished or running run: returns (config, dataset, state, eval graphdef, mesh).
-
-    The state is replicated over a mesh of `devices` (default: all); analyses of small models
-    pass one device, which compiles faster than an SPMD program over many.
-    """
-    workdir = Path(workdir).absolute()
-    config = load_run_config(workdir)
-    ds = load_dataset(config.data)
+def _restore_state(workdir: Path, config: ml_collections.ConfigDict, spec, step: int | None,
+                   best: bool, devices):
     mesh = make_mesh(devices)
     t = config.train
     tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
-    _, eval_def = graphdefs(config, ds.spec)
-    target = abstract_state(config, ds.spec, tx, NamedSharding(mesh, P()))
+    _, eval_def = graphdefs(config, spec)
+    target = abstract_state(config, spec, tx, NamedSharding(mesh, P()))
     ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         if best:
@@ -318,7 +314,39 @@ def restore_run(workdir: str | Path, step: int | None = None, best: bool = False
         state = ckpt.restore(target, step)
     finally:
         ckpt.close()
+    return state, eval_def, mesh
+
+
+def restore_model(workdir: str | Path, step: int | None = None, best: bool = False,
+                  devices=None):
+    """Restores a run's model without its training data: (config, spec, stats, state, eval
+    graphdef, mesh).
+
+    The dataset spec and normalisation statistics come from the run directory
+    (`resnet_jax/rundir/spec.py`); a run written before those files existed loads its dataset
+    to recompute them, so it needs the data.
+    """
+    workdir = Path(workdir).absolute()
+    config = load_run_config(workdir)
+    saved = read_spec(workdir)
+    if saved is None:
+        ds = load_dataset(config.data)
+        saved = ds.spec, ds.stats
+    spec, stats = saved
+    state, eval_def, mesh = _restore_state(workdir, config, spec, step, best, devices)
+    return config, spec, stats, state, eval_def, mesh
+
+
+def restore_run(workdir: str | Path, step: int | None = None, best: bool = False,
+                devices=None):
+    """Restores a finished or running run: returns (config, dataset, state, eval graphdef, mesh).
+
+    Loads the run's dataset (for analyses that need its images); `restore_model` does without.
+    The state is replicated over a mesh of `devices` (default: all); analyses of small models
+    pass one device, which compiles faster than an SPMD program over many.
+    """
+    workdir = Path(workdir).absolute()
+    config = load_run_config(workdir)
+    ds = load_dataset(config.data)
+    state, eval_def, mesh = _restore_state(workdir, config, ds.spec, step, best, devices)
     return config, ds, state, eval_def, mesh
-
-
-
