@@ -119,9 +119,15 @@ class ImageTree:
                 f"{self.path} is a file but not a .tar, .tar.gz or .tgz archive; pass a folder or "
                 f"an archive holding {LAYOUT}"
             )
-        self._members: dict[str, bytes] | None = None  # tar only: root-relative name -> bytes
         self._listings: dict[str, SplitListing] = {}
-        self._root = None if self.is_tar else self._find_dir_root()
+        # A tar's members, read on first use: image bytes, regular files and folders, named
+        # relative to the dataset root, which is `_prefix` inside the archive.
+        self._members: dict[str, bytes] | None = None
+        self._files: list[str] = []
+        self._dirs: list[str] = []
+        self._prefix = ""
+        # A directory's dataset root (the folder holding train/, test/, val/).
+        self._root = self.path if self.is_tar else self._find_dir_root()
 
     # --- where the splits are ---------------------------------------------------------------
     def _find_dir_root(self) -> Path:
@@ -157,8 +163,8 @@ class ImageTree:
                     if m.isfile() and is_image_file(name):
                         raw[name] = tar.extractfile(m).read()  # type: ignore[union-attr]
         except _STREAM_ERRORS as e:
-            raise FolderLayoutError(
-                f"{self.path}: truncated or corrupt archive ({type(e).__name__}: {e})") from e
+            raise FolderLayoutError(f"{self.path}: cannot read the archive (truncated or corrupt? "
+                                    f"{type(e).__name__}: {e})") from e
         # The root is the shallowest folder holding split folders: "" or one top folder.
         split_depths = [[i for i, part in enumerate(n.split("/")) if part in SPLIT_FOLDERS]
                         for n, _ in names]
@@ -171,7 +177,7 @@ class ImageTree:
             raise FolderLayoutError(f"{self.path} holds several datasets ({sorted(prefixes)}, "
                                     "each with split folders); archive one at a time")
         prefix = (next(iter(prefixes)) + "/") if depth else ""
-        self._root = prefix
+        self._prefix = prefix
         inside = [(n.removeprefix(prefix), f) for n, f in names if n.startswith(prefix)]
         self._files = [n for n, f in inside if f]
         self._dirs = [n for n, f in inside if not f]
@@ -199,8 +205,8 @@ class ImageTree:
         for name in HELD_OUT_FOLDERS:
             if name in present:
                 return name
-        raise FolderLayoutError(f"{self.path} has train/ but no held-out split: expected a test/ "
-                                "(or val/) folder of class folders beside it")
+        raise FolderLayoutError(f"{self.path} has no held-out split: expected a test/ (or val/) "
+                                "folder of class folders beside train/")
 
     def _top_names(self) -> list[str]:
         if self.is_tar:
@@ -255,7 +261,7 @@ class ImageTree:
     def describe(self, file: str) -> str:
         """How an error names `file`: the archive path and member, or the file's path."""
         if self.is_tar:
-            return f"{self.path}:{self._root or ''}{file}"
+            return f"{self.path}:{self._prefix}{file}"
         return str(self._root / file)
 
     def read(self, files: Sequence[str]) -> Iterator[tuple[str, bytes]]:
