@@ -128,12 +128,18 @@ def test_image_of_another_size_is_named(tmp_path):
 
 @pytest.mark.parametrize("as_tar", [False, True])
 def test_corrupt_image_is_named(tmp_path, as_tar):
-    _make_tree(tmp_path / "d", ["a", "b"], {"train": 2, "test": 1}, (8, 8, 3))
+    _make_tree(tmp_path / "d", ["a", "b"], {"train": 2, "test": 1}, (64, 64, 3))
     bad = tmp_path / "d" / "train" / "b" / "001.png"
-    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    data = bad.read_bytes()
+    if as_tar:  # not an image at all
+        bad.write_bytes(b"\x89PNG garbage")
+        why = "not an image Pillow can read"
+    else:  # a valid header, then the pixel data cut short
+        bad.write_bytes(data[: len(data) // 2])
+        why = "cannot decode image"
     src = _tar(tmp_path / "d", tmp_path / "d.tar") if as_tar else tmp_path / "d"
     want = f"{src}:train/b/001.png" if as_tar else str(bad)
-    with pytest.raises(ImageDecodeError, match=want.replace(".", r"\.")):
+    with pytest.raises(ImageDecodeError, match=f"{want}: {why}".replace(".", r"\.")):
         load_raw("image_folder", "folder", str(src), str(tmp_path / "cache"))
 
 

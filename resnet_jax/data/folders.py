@@ -158,7 +158,7 @@ class ImageTree:
         try:
             with tarfile.open(self.path, "r|*") as tar:
                 for m in tar:
-                    name = m.name.removeprefix("./").rstrip("/")
+                    name = m.name.rstrip("/")
                     names.append((name, m.isfile()))
                     if m.isfile() and is_image_file(name):
                         raw[name] = tar.extractfile(m).read()  # type: ignore[union-attr]
