@@ -107,7 +107,7 @@ class ImageTree:
     """A class-folder dataset in a directory or a tar archive: its splits, files and bytes."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path).expanduser().absolute()
+        self.path = Path(path).expanduser().resolve()
         if not self.path.exists():
             raise FileNotFoundError(
                 f"{self.path}: no such directory or archive (expected a folder or a .tar/.tar.gz "
