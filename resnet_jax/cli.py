@@ -74,7 +74,8 @@ def _run_configs(args, overrides: list[str]) -> int:
 
 COMMANDS = [_add_train, _add_configs]
 # Modules that add subcommands with a `register(subparsers)` function (ablate, evaluate, bench...).
-PLUGIN_MODULES = ("resnet_jax.ablation.cli", "resnet_jax.inference.cli", "resnet_jax.bench.cli")
+PLUGIN_MODULES = ("resnet_jax.ablation.cli", "resnet_jax.inference.cli", "resnet_jax.bench.cli",
+                  "resnet_jax.convert.cli")
 
 
 def _plugins():
