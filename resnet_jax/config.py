@@ -95,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
             "loss_scale": 0.0,  # >0: initial dynamic loss scale (float16 on GPU)
             "max_consecutive_nonfinite": 10,
             "async_checkpoints": True,
+            # A model file (`resnet-jax export` or `convert`) whose weights a fresh run starts
+            # from; "" = random init. See resnet_jax/train/pretrained.py.
+            "init_from": "",
         }
     )
     return c
@@ -342,6 +345,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for key in ("log_every", "eval_every", "checkpoint_every"):
         _check(k == 0 or t[key] % k == 0, f"train.{key}", t[key],
                f"must be a multiple of train.steps_per_call={k}")
+    _check(isinstance(t.get("init_from", ""), str), "train.init_from", t.get("init_from"),
+           "must be a path to a model file, or '' for none")
     bad_splits = [s for s in t.eval_splits if s not in ("validation", "test")]
     _check(not bad_splits, "train.eval_splits", t.eval_splits,
            "choose from ('validation', 'test')")

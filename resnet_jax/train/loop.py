@@ -27,6 +27,7 @@ from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.logger import MetricsLogger
 from resnet_jax.train.optim import make_optimizer, make_schedule
+from resnet_jax.train.pretrained import init_from_file
 from resnet_jax.train.state import (
     DTYPES,
     TrainState,
@@ -206,11 +207,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                         async_save=t.async_checkpoints)
     logger = None
     try:
+        notes: list[str] = []
         if ckpt.latest_step() is not None:
             # Restore into an abstract target: a bad checkpoint is reported before any compile.
             state = ckpt.restore(abstract_state(config, ds.spec, tx, replicated))
         else:
             state = create_state(config, ds.spec, tx, replicated)
+            if t.get("init_from"):
+                state, notes = init_from_file(state, config, ds.spec, mesh)
         start = int(state.step)
         backend, why = backends.select(config.model.backend, dtype=DTYPES[config.model.dtype])
         if jax.process_index() == 0:
@@ -223,6 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         logger = MetricsLogger(workdir, t.num_steps, start, t.batch_size, interactive)
         if start:
             logger.message(f"Resumed {workdir} from step {start}.")
+        for note in notes:
+            logger.message(note)
         if why.startswith("not oneDNN") and config.model.backend == "auto" and mesh.size == 1:
             logger.message(f"Backend xla_cpu: {why}.")
         data = replicate((ds.train_images, ds.train_labels, ds.stats), mesh)
