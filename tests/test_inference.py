@@ -102,6 +102,33 @@ def test_evaluate_cli_validation_split(tiny_run, capsys):
     assert "Ankle boot" in out and (workdir / "eval" / "validation_step20_confusion.png").exists()
 
 
+def test_evaluate_with_a_padded_last_batch_matches_an_independent_count(tiny_run, clf,
+                                                                        sample_dataset, tmp_path):
+    workdir, _ = tiny_run
+    images, labels = sample_dataset.validation_images, sample_dataset.validation_labels
+    batch = json.loads((workdir / "config.json").read_text())["train"]["eval_batch_size"]
+    assert (len(images), batch) == (500, 200)  # batches of 200, 200 and 100 + 100 padding
+    # Padding is a zero image labelled 0; the model does not predict 0 for it, so padding that
+    # leaked into the sums would count as wrong (and add its loss).
+    assert clf.logits(np.zeros((1, *images.shape[1:]), np.uint8))[0].argmax() != 0
+    s = evaluate_run(workdir, step=20, split="validation", out_dir=tmp_path)
+    # The same counts from the classifier's logits (its own forward pass and batching), in numpy.
+    logits = clf.logits(images).astype(np.float64)
+    predicted = logits.argmax(-1)
+    wrong1 = int(np.sum(predicted != labels))
+    wrong5 = int(np.sum(~np.any(np.argsort(-logits, -1)[:, :5] == labels[:, None], -1)))
+    top = logits.max(-1)
+    logsumexp = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+    loss = float(np.mean(logsumexp - logits[np.arange(len(labels)), labels]))
+    assert s["count"] == 500
+    assert s["error"] == pytest.approx(100.0 * wrong1 / 500, abs=1e-9)
+    assert s["top5_error"] == pytest.approx(100.0 * wrong5 / 500, abs=1e-9)
+    assert s["loss"] == pytest.approx(loss, rel=1e-5)
+    cm = np.zeros((10, 10), int)
+    np.add.at(cm, (labels, predicted), 1)
+    np.testing.assert_array_equal(s["confusion_matrix"], cm)
+
+
 # --- classifier API and predict ----------------------------------------------------------------
 
 
@@ -151,10 +178,31 @@ def test_api_predict_bad_file_does_not_stop_others(clf, sample_dataset, tmp_path
     assert preds[0].label == clf.class_names[int(np.argmax(clf(x[None])[0]))]
 
 
-def test_best_checkpoint(tiny_run):
-    workdir, _ = tiny_run
-    val = {s: _logged(workdir, s, "validation")["error"] for s in (10, 20)}
-    assert resnet_jax.load(workdir, best=True).step == min(val, key=val.get)
+def test_best_is_an_older_checkpoint_in_load_evaluate_and_predict(tiny_run, sample_dataset,
+                                                                   tmp_path, capsys):
+    from resnet_jax.train import Checkpointer, restore_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    val = {s: _logged(run, s, "validation")["error"] for s in (10, 20)}
+    best, worst = sorted(val, key=val.get)
+    # The newest checkpoint (30) holds the worse step's weights with a worse validation error
+    # than both, so "the newest" and "the best" differ in step and in predictions.
+    state = restore_run(run, step=worst)[2]
+    ckpt = Checkpointer(run / "checkpoints", async_save=False)
+    ckpt.save(state.replace(step=30), {"validation_error": val[worst] + 1})
+    ckpt.close()
+    assert resnet_jax.load(run, best=True).step == best
+    assert main(["evaluate", "--workdir", str(run), "--best", "--split", "validation",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert f"step {best}, validation split" in capsys.readouterr().out
+    Image.fromarray(sample_dataset.test_images[0][..., 0]).save(tmp_path / "x.png")
+    want = resnet_jax.load(run, step=best)(sample_dataset.test_images[:1])[0]
+    assert main(["predict", "--workdir", str(run), "--best", "--json", "--top-k", "1",
+                 str(tmp_path / "x.png")]) == 0
+    top = json.loads(capsys.readouterr().out)["top"][0]
+    assert top == [sample_dataset.spec.class_names[want.argmax()], pytest.approx(want.max(),
+                                                                                  rel=1e-6)]
 
 
 # --- export -------------------------------------------------------------------------------------

@@ -31,6 +31,15 @@ BEST_METRIC = "validation_error"
 MANIFEST = "resnet_jax_manifest.json"
 
 
+def _not_missing_metrics(record: logging.LogRecord) -> bool:
+    # Orbax warns at every save without metrics once best_fn is set; a checkpoint between two
+    # evaluations has no validation error by design, so that warning would only be noise.
+    return not str(record.msg).startswith("Requested `tracked_metric`")
+
+
+logging.getLogger("absl").addFilter(_not_missing_metrics)
+
+
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or a checkpoint that must not (or could not) be written."""
 
@@ -41,6 +50,10 @@ def _finite(tree) -> bool:
         for x in jax.tree.leaves(tree)
         if np.issubdtype(np.asarray(x).dtype, np.floating)
     )
+
+
+def _best_metric(metrics: dict) -> float:
+    return metrics[BEST_METRIC]
 
 
 def _sha256(path: Path) -> str:
@@ -105,12 +118,16 @@ class Checkpointer:
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(keep),
             ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+                get_metric_fn=_best_metric, reverse=True, n=1,
                 keep_checkpoints_without_metrics=False,
             ),
         ])
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy,
+            # Without best_fn Orbax neither writes a step's metrics to disk nor ranks by them:
+            # best_step() would be the latest, and a resumed run would forget which step is best.
+            best_fn=_best_metric,
+            best_mode="min",
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
@@ -168,6 +185,9 @@ class Checkpointer:
     def save(self, state: TrainState, metrics: dict | None = None, force: bool = False) -> bool:
         """Starts saving `state` at its step (async); never writes non-finite parameters.
 
+        `metrics` holding `validation_error` are stored with the step and rank it for
+        `best_step()` and the retention of the best; other steps are kept only while recent.
+
         Raises CheckpointError when this or the previous (async) save could not be written.
         """
         step = int(state.step)
@@ -181,7 +201,9 @@ class Checkpointer:
             # Saving over a step that failed to read: keep the old one as evidence, elsewhere.
             self._skipped.discard(step)
             self._quarantine(step)
-        metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
+        # Only a step with a validation error can be ranked for "the best" (and kept as such).
+        metrics = ({k: float(v) for k, v in metrics.items()}
+                   if metrics and BEST_METRIC in metrics else None)
         previous = self._in_flight
         try:
             # Orbax first waits for the previous async save and re-raises its failure here.
@@ -222,8 +244,9 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def best_step(self) -> int | None:
-        """The step with the lowest validation error among the kept checkpoints, or None."""
-        return self.manager.best_step()
+        """The step with the lowest validation error among the kept checkpoints, or None when
+        none was saved with one."""
+        return self.manager.best_step()  # ranked by best_fn / best_mode (see __init__)
 
     def _quarantine(self, step: int) -> Path | None:
         """Moves an unusable checkpoint aside so the run can save that step again."""

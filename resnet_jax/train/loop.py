@@ -315,8 +315,11 @@ def _restore_state(workdir: Path, config: ml_collections.ConfigDict, spec, step:
         if best:
             step = ckpt.best_step()
             if step is None:
-                raise ConfigError(f"{workdir} has no checkpoint with a validation error; "
-                                  "use --step or the latest.")
+                raise ConfigError(
+                    f"{workdir} has no checkpoint saved with a validation error (one is stored "
+                    "when a checkpoint falls on an evaluation of the validation split; older "
+                    f"versions stored none); use --step N (available: {ckpt.steps()}) or the "
+                    "latest.")
         state = ckpt.restore(target, step)
     finally:
         ckpt.close()
