@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import PREEMPTED_RUN, tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -211,6 +212,30 @@ def test_sigkill_at_five_points_resumes_bitwise_exact(tmp_path):
     assert_trees_equal(resumed, reference)
 
 
+def test_sigterm_saves_a_checkpoint_and_exits_143(preempted_run):
+    workdir, returncode, out, err = preempted_run
+    assert returncode == 143, err[-3000:]
+    step = int(re.search(r"Preempted at step (\d+); checkpoint saved\.", err).group(1))
+    assert step >= 2 and f"SIGTERM: saved step {step}; rerun the same command to resume." in out
+    # The only checkpoint is the one SIGTERM made (the next scheduled one is at step 1000).
+    ckpts = workdir / "checkpoints"
+    assert committed_steps(ckpts) == [step] and verify_manifest(ckpts / str(step)) is None
+    assert int(restore_run(workdir)[2].step) == step
+
+
+def test_rerun_says_where_it_resumed(preempted_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(preempted_run[0], run)
+    step = committed_steps(run / "checkpoints")[-1]
+    # The same command, with num_steps lowered to the saved step: it restores and stops.
+    argv = ["train", "--workdir", str(run), "--config", "quick", *PREEMPTED_RUN,
+            f"--config.train.num_steps={step}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"Resumed {run} from step {step}."
+    assert f"Done: step={step}" in out
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Corrupted and partial checkpoints
 
@@ -238,8 +263,20 @@ def _truncate(path: Path) -> None:
         f.truncate(path.stat().st_size // 2)
 
 
+def _flip_a_byte(path: Path) -> None:
+    """Changes one byte in the middle of `path`; the size stays the same."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0xFF]))
+
+
 DAMAGE = {
     "truncated array file": (lambda d: _truncate(_largest_file(d)), "truncated"),
+    # What only the checksum sees: same size, same file names.
+    "one byte changed": (lambda d: _flip_a_byte(_largest_file(d)),
+                         "does not match its checksum"),
     "missing metadata": (lambda d: (d / "default" / "_METADATA").unlink(), "missing"),
     # Without our manifest (e.g. written by an older version), Orbax's own read must catch it.
     "truncated, no manifest": (
@@ -299,7 +336,8 @@ def test_no_good_checkpoint_fails_clearly(tiny_run, tmp_path, capsys):
 # 3. Divergence
 
 
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_run, sample_dataset, tmp_path):
+def test_divergence_stops_and_saves_only_the_last_good_parameters(tiny_run, sample_dataset,
+                                                                  tmp_path):
     run = _copy_run(tiny_run, tmp_path)
     ckpts = run / "checkpoints"
     target = _target(sample_dataset)
@@ -310,20 +348,24 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_run, sample_da
     stats = sample_dataset.stats
     poisoned = dataclasses.replace(
         sample_dataset, stats=NormStats(stats.mean, np.full_like(stats.std, np.nan)))
-    config = tiny_config(num_steps=40, max_consecutive_nonfinite=3)
+    # A checkpoint at step 25, inside the bad streak (5 bad steps, below the limit of 8).
+    config = tiny_config(num_steps=40, max_consecutive_nonfinite=8, checkpoint_every=5)
     with pytest.raises(DivergenceError) as info:
         train_and_evaluate(config, run, dataset=poisoned, interactive=False,
                            allow_config_change=True)
     msg = str(info.value)
-    # Checked at the log step 25 (log_every=5): steps 21..25 were all bad and skipped.
-    assert "diverged at step 21" in msg and "21..25" in msg
-    assert f"last good checkpoint is step 20 in {ckpts}" in msg
-    assert committed_steps(ckpts) == [10, 20]
+    # Checked at the log step 30 (log_every=5): steps 21..30 were all bad and skipped.
+    assert "diverged at step 21" in msg and "21..30" in msg
+    assert f"last good checkpoint is step 25 in {ckpts}" in msg
+    assert committed_steps(ckpts) == [10, 20, 25]
     reader = Checkpointer(ckpts, read_only=True)
-    after = reader.restore(target, 20)
+    after = reader.restore(target, 25)
     reader.close()
-    assert_trees_equal(after, before)
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(after.params))
+    # Step 25 holds step 20's parameters, BN statistics and optimiser state: no bad step applied.
+    assert int(after.step) == 25 and int(after.nonfinite_consecutive) == 5
+    assert int(after.nonfinite_total) == int(before.nonfinite_total) + 5
+    assert_trees_equal((after.params, after.batch_stats, after.opt_state, after.rng),
+                       (before.params, before.batch_stats, before.opt_state, before.rng))
 
 
 def test_checkpointer_refuses_non_finite_parameters(tiny_run, sample_dataset, tmp_path):

@@ -146,6 +146,22 @@ def test_tiny_run_writes_its_outputs(tiny_run):
     assert result["test_error"] == test_records[-1]["error"]
 
 
+def test_one_cpu_device_with_the_default_path_matches_eight_devices(preempted_run,
+                                                                   sample_dataset):
+    # `resnet-jax train` on one CPU device with the CLI's defaults (its CPU settings, the default
+    # model.conv_impl), stopped after a few steps; its first two logged losses against the same
+    # two steps on 8 devices. The schedule's num_steps does not matter yet: step 1 runs at
+    # schedule(0), the peak rate for any length, and step 2's loss is taken before its update.
+    workdir = preempted_run[0]
+    versions = json.loads((workdir / "versions.json").read_text())
+    assert versions["backend"] == "cpu" and len(versions["devices"]) == 1
+    logged = {r["step"]: r["loss"] for r in read_metrics(workdir) if r["split"] == "train"}
+    _, eight = run_steps(tiny_config(batch_size=32), sample_dataset, make_mesh(), 2)
+    # Another device count (and maybe another convolution library) rounds differently: 1e-7
+    # measured at step 2. A wrong gradient, BatchNorm statistic or padding is off by far more.
+    np.testing.assert_allclose([logged[1], logged[2]], eight, rtol=1e-5)
+
+
 def test_quick_preset_learns(tiny_run):
     # tiny_run is the quick preset at batch 64 for 20 steps (the full preset: see README).
     _, result = tiny_run
@@ -157,6 +173,26 @@ def test_paper_schedule_values():
     schedule = make_schedule(config.optim, 128, 64000)
     values = [float(schedule(s)) for s in (0, 31999, 32000, 47999, 48000, 63999)]
     np.testing.assert_allclose(values, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_cifar10_presets_use_the_papers_data_recipe():
+    from resnet_jax.config import available_presets
+    from resnet_jax.data import compute_stats, split_indices
+
+    names = [n for n in available_presets() if n.startswith("cifar10_")]
+    assert len(names) == 10  # {plain, resnet} x {20, 32, 44, 56, 110}
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    for name in names:
+        data = get_preset(name).data
+        assert data.name == "cifar10", name
+        # 45k/5k: 5,000 of the 50,000 training images held out for validation.
+        train_idx, val_idx = split_indices(50_000, data.validation_size, data.split_seed)
+        assert (len(train_idx), len(val_idx)) == (45_000, 5_000), name
+        # The per-pixel mean image of the training split, subtracted (then / 255).
+        stats = compute_stats(images, data.normalization)
+        np.testing.assert_allclose(stats.mean, images.mean(axis=0), rtol=1e-6, err_msg=name)
+        # 4 pixels of zero padding, a random 32x32 crop, a random horizontal flip.
+        assert AugmentConfig.from_config(data) == AugmentConfig(pad=4, crop=True, flip=True), name
 
 
 def test_resnet110_warmup_then_paper_schedule():
@@ -178,18 +214,85 @@ def test_linear_warmup_cosine_and_batch_scaling():
     assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_weight_decay_mask_excludes_bn_and_bias():
+def _model_params(spec) -> dict:
+    """ResNet-8's real parameter tree (tiny config), filled with random numbers on the host."""
+    from flax import nnx
+
+    from resnet_jax.train.state import model_from_config
+
+    model = nnx.eval_shape(lambda: model_from_config(tiny_config(), spec))
+    shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+
+
+def _updates(optim_overrides: dict, params: dict, grads_per_step: list) -> list:
+    """The optimiser's updates for a sequence of gradients, at a constant learning rate."""
     config = default_config()
-    config.optim.decay_bn_and_bias = False
-    config.optim.learning_rate = 1.0
-    config.optim.momentum = 0.0
+    config.optim.schedule = "constant"
+    for k, v in optim_overrides.items():
+        config.optim[k] = v
     tx = make_optimizer(config.optim, 128, 10)
-    params = {"conv": {"kernel": jnp.ones(3)}, "bn": {"scale": jnp.ones(3), "bias": jnp.ones(3)}}
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
-    np.testing.assert_allclose(updates["conv"]["kernel"], -1e-4)
-    np.testing.assert_allclose(updates["bn"]["scale"], 0.0)
-    np.testing.assert_allclose(updates["bn"]["bias"], 0.0)
+    opt_state, out = tx.init(params), []
+    # One unoptimised compile is faster here than an optimised one or an eager op per leaf.
+    update = jax.jit(tx.update).lower(params, opt_state, params).compile(
+        {"xla_backend_optimization_level": 0})
+    for grads in grads_per_step:
+        updates, opt_state = update(grads, opt_state, params)
+        out.append(updates)
+    return out
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_weight_decay_mask_on_the_model_decays_kernels_only(sample_dataset):
+    params = _model_params(sample_dataset.spec)
+    zeros = jax.tree.map(np.zeros_like, params)
+    # Conv and dense kernels have 2+ dimensions; BN scales and biases and the dense bias have 1.
+    kernels = [p.ndim >= 2 for p in _leaves(params)]
+    assert sum(kernels) == 8 and not all(kernels)  # stem + 6 block convs + the classifier
+    for decay_all in (False, True):
+        (updates,) = _updates({"decay_bn_and_bias": decay_all, "learning_rate": 1.0,
+                               "momentum": 0.0, "weight_decay": 1e-4}, params, [zeros])
+        for p, u, kernel in zip(_leaves(params), _leaves(updates), kernels, strict=True):
+            np.testing.assert_allclose(u, -1e-4 * p if kernel or decay_all else 0 * p,
+                                       rtol=1e-6)
+
+
+def test_gradient_clipping_on_the_model_scales_to_the_global_norm(sample_dataset):
+    params = _model_params(sample_dataset.spec)
+    grads = params  # global norm ~ 200
+    norm = float(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in _leaves(grads))))
+    (updates,) = _updates({"grad_clip_norm": 0.5, "learning_rate": 1.0, "momentum": 0.0,
+                           "weight_decay": 0.0}, params, [grads])
+    for g, u in zip(_leaves(grads), _leaves(updates), strict=True):
+        np.testing.assert_allclose(u, -g * 0.5 / norm, rtol=1e-5)
+
+
+def test_nesterov_momentum_on_the_model(sample_dataset):
+    params = _model_params(sample_dataset.spec)
+    # Constant gradient g, momentum 0.9: the velocity is g, then 1.9 g; Nesterov steps along
+    # g + 0.9 * velocity (1.9 g, then 2.71 g), plain momentum along the velocity (g, 1.9 g).
+    for nesterov, factors in ((True, (1.9, 2.71)), (False, (1.0, 1.9))):
+        steps = _updates({"nesterov": nesterov, "learning_rate": 1.0, "momentum": 0.9,
+                          "weight_decay": 0.0}, params, [params, params])
+        for updates, factor in zip(steps, factors, strict=True):
+            for g, u in zip(_leaves(params), _leaves(updates), strict=True):
+                np.testing.assert_allclose(u, -factor * g, rtol=1e-5)
+
+
+def test_adamw_decouples_weight_decay_on_the_model(sample_dataset):
+    params = _model_params(sample_dataset.spec)
+    zeros = jax.tree.map(np.zeros_like, params)
+    # Zero gradients: Adam's own step is 0, so the update is the decoupled decay, lr * wd * p
+    # (kernels only here). Decay added to the gradient (Adam + L2) would step by ~lr instead.
+    (updates,) = _updates({"name": "adamw", "learning_rate": 0.01, "weight_decay": 0.1,
+                           "decay_bn_and_bias": False}, params, [zeros])
+    for p, u in zip(_leaves(params), _leaves(updates), strict=True):
+        np.testing.assert_allclose(u, -0.01 * 0.1 * p if p.ndim >= 2 else 0 * p, rtol=1e-5,
+                                   atol=1e-12)
 
 
 def test_overrides_parse_types_and_reject_unknown_keys():
