@@ -3,8 +3,10 @@
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -91,6 +93,78 @@ def test_rerun_runs_nothing_new(grid):
             "--kinds", "plain,residual", "--seeds", "0", *TINY]
     assert main(argv) == 0
     assert {n: (root / n / "metrics.jsonl").read_bytes() for n in NAMES} == before
+
+
+def test_rerun_resumes_an_interrupted_cell(grid, sample_dataset, tmp_path, capsys):
+    from resnet_jax.ablation.grid import run_grid
+    from resnet_jax.train import restore_run
+
+    root, _ = grid
+    cell = tmp_path / "residual8_seed0"
+    shutil.copytree(root / "residual8_seed0", cell)
+    # Interrupted after its step-2 checkpoint: step 4 and everything logged after step 2 lost.
+    shutil.rmtree(cell / "checkpoints" / "4")
+    lines = (cell / "metrics.jsonl").read_text().splitlines()
+    (cell / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in lines if json.loads(line)["step"] <= 2))
+    result = run_grid("quick", tmp_path, [8], ["residual"], [0], TINY, dataset=sample_dataset,
+                      interactive=False, log=lambda s: None)
+    assert result == {"ran": ["residual8_seed0"], "skipped": []}
+    assert f"Resumed {cell} from step 2." in capsys.readouterr().out
+    def records(text: str) -> list[tuple[str, int]]:
+        return [(r["split"], r["step"]) for r in map(json.loads, text.splitlines())]
+
+    # Each record once, in order: steps 1-2 were not trained (and logged) again.
+    assert records((cell / "metrics.jsonl").read_text()) == records("\n".join(lines))
+    # The resumed cell ends where the uninterrupted one did, bit for bit.
+    resumed, original = restore_run(cell)[2], restore_run(root / "residual8_seed0")[2]
+    assert int(resumed.step) == int(original.step) == 4
+    for a, b in zip(jax.tree.leaves(resumed.as_dict()), jax.tree.leaves(original.as_dict()),
+                    strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _made_up_run(root: Path, kind: str, depth: int, seed: int, test_error: float,
+                 train_error: float, last_step: int = 10) -> None:
+    """A run directory as the report reads it: config.json and metrics.jsonl, no checkpoints."""
+    run = root / f"{kind}{depth}_seed{seed}"
+    run.mkdir(parents=True)
+    family = {"plain": "cifar_plain", "residual": "cifar_resnet"}[kind]
+    (run / "config.json").write_text(json.dumps({
+        "model": {"family": family, "depth": depth, "shortcut": "", "scan_blocks": False},
+        "train": {"seed": seed, "num_steps": 10}, "data": {"name": "cifar10"}}))
+    records = [{"step": 5, "split": "test", "error": 50.0},  # an earlier evaluation: not final
+               {"step": last_step, "split": "train", "error": train_error},
+               {"step": last_step, "split": "test", "error": test_error}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_statistics_over_three_seeds(tmp_path, monkeypatch):
+    from resnet_jax.ablation import report
+    from resnet_jax.ablation.report import collect_runs, markdown_table, table6
+
+    # Building ResNet-110 to count its parameters takes seconds; the count is checked elsewhere.
+    monkeypatch.setattr(report, "count_params", lambda cfg: 1_000_000)
+    for seed, (test, train) in enumerate([(9.0, 1.0), (7.0, 2.0), (8.0, 4.5)]):
+        _made_up_run(tmp_path, "residual", 20, seed, test, train)
+    for seed, test in enumerate([8.0, 6.0, 7.0]):
+        _made_up_run(tmp_path, "residual", 110, seed, test, 0.5)
+    _made_up_run(tmp_path, "residual", 110, 3, 1.0, 0.5, last_step=5)  # still running
+    rows = {r["depth"]: r for r in table6(collect_runs(tmp_path))}
+    r20, r110 = rows[20], rows[110]
+    assert (r20["seeds"], r20["finished"], r110["seeds"], r110["finished"]) == (3, 3, 4, 3)
+    # 7, 8, 9: mean 8, sample std (ddof=1) 1 (the population std would be 0.816), best 7.
+    assert (r20["test_error_mean"], r20["test_error_std"], r20["test_error_best"]) == \
+        pytest.approx((8.0, 1.0, 7.0))
+    assert r20["train_error_mean"] == pytest.approx(2.5)
+    # Table 6: ResNet-20 8.75; ResNet-110 6.43 (best of 5), mean 6.61 over those runs.
+    assert (r20["diff_mean"], r20["diff_best"]) == pytest.approx((8.0 - 8.75, 7.0 - 8.75))
+    assert (r110["test_error_mean"], r110["test_error_std"], r110["test_error_best"]) == \
+        pytest.approx((7.0, 1.0, 6.0))
+    assert (r110["diff_mean"], r110["diff_best"]) == pytest.approx((7.0 - 6.61, 6.0 - 6.43))
+    md = markdown_table(list(rows.values()))
+    assert "| 8.00 ± 1.00 (3) | 7.00 | 8.75 | -0.75 |" in md
+    assert "| 7.00 ± 1.00 (3) | 6.00 | 6.43 (best of 5; mean 6.61 ± 0.16) | +0.39 |" in md
 
 
 def test_paper_table_matches_reference():

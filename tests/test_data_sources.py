@@ -126,6 +126,20 @@ def test_cifar10_archive_roundtrip(tmp_path, fmt):
     assert (ds.spec.num_train, ds.spec.num_validation, ds.spec.num_test) == (16, 4, PER_BATCH)
 
 
+def test_archive_found_through_resnet_jax_data(tmp_path, monkeypatch):
+    train, test = _cifar10_arrays(seed=3)
+    (tmp_path / "data").mkdir()
+    write_cifar10_binary(tmp_path / "data" / "cifar-10-binary.tar.gz", train, test)
+    monkeypatch.setenv("RESNET_JAX_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.cache/resnet_jax to fall back on
+    config = default_data_config()  # data_dir None: the variable decides
+    config.validation_size = 4
+    ds = load_dataset(config)
+    assert ds.spec.source == "archive"
+    np.testing.assert_array_equal(ds.test_images, test[0])
+    assert ds.spec.num_train + ds.spec.num_validation == 20
+
+
 def _idx_gz(path: Path, arr: np.ndarray) -> None:
     header = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
     path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))

@@ -37,7 +37,10 @@ def free_port() -> int:
 
 
 def train_losses(workdir: Path) -> dict[int, float]:
+    """Train loss by step; fails if a (split, step) was recorded twice (e.g. by both processes)."""
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["split"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys)), f"{workdir}: records written twice: {keys}"
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
