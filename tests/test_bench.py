@@ -56,17 +56,17 @@ def test_loop_rows_from_a_clock_with_known_ticks(monkeypatch):
     from resnet_jax.bench.runner import BenchConfig, bench_loop
 
     # The timer reads these instants: a warm-up call, then 3 windows of 2 calls of 3 steps
-    # each, lasting 0.6, 1.8 and 1.2 s: 0.1, 0.3 and 0.2 s per step.
-    ticks = iter([0.0, 50.0, 100.0, 100.6, 200.0, 201.8, 300.0, 301.2])
+    # each, lasting 0.6, 3.6 and 1.2 s: 0.1, 0.6 and 0.2 s per step (median 0.2, mean 0.3).
+    ticks = iter([0.0, 50.0, 100.0, 100.6, 200.0, 203.6, 300.0, 301.2])
     monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
     cfg = BenchConfig(models=["resnet8"], compile_only_models=[], batch_size=16, windows=3,
                       steps_per_call=3, loop_calls=2)
     row = bench_loop(cfg, "resnet8", "float32", num_train=64)
     assert next(ticks, None) is None  # every instant was read
     assert (row["step"], row["steps_per_call"], row["devices"]) == ("loop", 3, len(jax.devices()))
-    np.testing.assert_allclose(row["step_s_windows"], [0.1, 0.3, 0.2], rtol=1e-9)
+    np.testing.assert_allclose(row["step_s_windows"], [0.1, 0.6, 0.2], rtol=1e-9)
     np.testing.assert_allclose([row["step_s_median"], row["step_s_min"], row["step_s_max"]],
-                               [0.2, 0.1, 0.3], rtol=1e-9)
+                               [0.2, 0.1, 0.6], rtol=1e-9)
     assert row["images_per_s"] == pytest.approx(80.0)  # 16 images / 0.2 s
     # The paper's 64,000 iterations (from the cifar10 preset) at the median: 12,800 s.
     assert row["paper_steps"] == 64_000
