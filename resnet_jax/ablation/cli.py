@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     p.add_argument("--parallel", choices=PARALLEL, default="data-parallel",
                    help="data-parallel: runs in sequence, each over all devices; per-device: one "
                    "run per GPU side by side (sequential on CPU)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the seeds of each net together in one compiled program, each in "
+                   "its own run directory (default: on a single GPU/TPU; not on CPU, where it "
+                   "measured slower, nor on several devices); --no-pack trains them one by one")
     p.add_argument("--report", action="store_true", help="write the report when the grid is done")
     p.set_defaults(func=_run_ablate)
 
@@ -64,7 +68,7 @@ def _run_ablate(args, overrides: list[str]) -> int:
     maybe_initialize_distributed()
     try:
         result = run_grid(args.config, args.workdir, args.depths, args.kinds, args.seeds,
-                          overrides, parallel=args.parallel)
+                          overrides, parallel=args.parallel, pack=args.pack)
     except Preempted as e:
         print(f"Preempted at step {e.args[0]}; rerun the same command to resume the grid.",
               file=sys.stderr)

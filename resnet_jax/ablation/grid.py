@@ -11,6 +11,11 @@ Parallelism (`parallel`):
       subprocess (`python -m resnet_jax.cli ablate ...` for that one run) with
       CUDA_VISIBLE_DEVICES set to its GPU. On CPU, or with one device, it falls back to in-process
       runs in sequence (parallel runs would only fight over the same cores).
+
+Packing (`pack`): the seeds of one (kind, depth) are trained together in one compiled program
+(`resnet_jax.train.packed`), each still writing its own run directory. Default: on a single
+GPU/TPU, where one CIFAR ResNet leaves most of the device idle; not on CPU, where packing measured
+slower (see `resolve_pack` and README, "Seeds packed on one accelerator").
 """
 
 from __future__ import annotations
@@ -93,6 +98,26 @@ def run_config(preset: str, spec: RunSpec,
     return config
 
 
+def resolve_pack(pack: bool | None, backend: str, num_devices: int) -> bool:
+    """Whether the grid packs seeds: `pack` when given, else on one GPU/TPU only.
+
+    Not on CPU: there a pack gives up oneDNN's convolutions and XLA's vmapped (grouped)
+    convolutions are slower than one run after another. Not on several devices: the SPMD
+    partitioner gathers the batch for the vmapped convolutions (train/packed.py).
+    """
+    if pack is not None:
+        return pack
+    return backend != "cpu" and num_devices == 1
+
+
+def pack_groups(specs: Sequence[RunSpec]) -> list[list[RunSpec]]:
+    """The runs grouped by (kind, depth), in order: the seeds of a group share one config."""
+    groups: dict[tuple[str, int], list[RunSpec]] = {}
+    for s in specs:
+        groups.setdefault((s.kind, s.depth), []).append(s)
+    return list(groups.values())
+
+
 def finished_step(workdir: Path) -> int | None:
     """The newest complete checkpoint's step in a run directory (Orbax names them by step)."""
     ckpt = workdir / "checkpoints"
@@ -114,13 +139,15 @@ def _data_key(config: ml_collections.ConfigDict) -> str:
 def run_grid(preset: str, root: str | Path, depths: Sequence[int] = DEFAULT_DEPTHS,
              kinds: Sequence[str] = tuple(KINDS), seeds: Sequence[int] = DEFAULT_SEEDS,
              overrides: Sequence[str] = (), *, parallel: str = "data-parallel",
-             dataset=None, interactive: bool | None = None,
+             pack: bool | None = None, dataset=None, interactive: bool | None = None,
              log: Callable[[str], None] = print) -> dict:
     """Trains every unfinished run of the grid; returns {"ran": [names], "skipped": [names]}.
 
-    `dataset` (optional) is used for every run whose data config it was loaded with; otherwise each
-    distinct data config is loaded once. Raises `resnet_jax.train.Preempted` on SIGTERM (the
-    interrupted run has saved a checkpoint; rerun to resume).
+    `pack`: train the unfinished seeds of each (kind, depth) packed in one program (None: on
+    GPU/TPU, not on CPU; see `resolve_pack`). `dataset` (optional) is used for every run whose
+    data config it was loaded with; otherwise each distinct data config is loaded once. Raises
+    `resnet_jax.train.Preempted` on SIGTERM (the interrupted run has saved a checkpoint; rerun to
+    resume).
     """
     if parallel not in PARALLEL:
         raise ConfigError(f"--parallel {parallel!r} is not valid; choose one of {PARALLEL}.")
@@ -137,23 +164,39 @@ def run_grid(preset: str, root: str | Path, depths: Sequence[int] = DEFAULT_DEPT
             _run_per_device(preset, root, todo, overrides, gpus, log)
             return {"ran": [s.name for s in todo], "skipped": skipped}
         log("per-device: fewer than 2 GPUs here, so the runs go in sequence in this process.")
+    import jax
+
     from resnet_jax.data import load_dataset
     from resnet_jax.train import train_and_evaluate
+    from resnet_jax.train.packed import train_packed
 
+    groups = (pack_groups(todo) if resolve_pack(pack, jax.default_backend(), jax.device_count())
+              else [[s] for s in todo])
+    # Simulated CPU devices share the same cores: a pack there runs on one of them, as XLA's
+    # partitioner gathers the batch for vmapped convolutions (9x slower steps measured on 8).
+    pack_devices = jax.devices()[:1] if jax.default_backend() == "cpu" else None
     datasets = {} if dataset is None else {"given": dataset}
     ran = []
-    for i, spec in enumerate(todo):
-        config = configs[spec]
+    for i, group in enumerate(groups):
+        config = configs[group[0]]
         key = _data_key(config)
         if key not in datasets:
             # A passed-in dataset is trusted for every run (tests); else load once per data config.
             datasets[key] = datasets["given"] if "given" in datasets else load_dataset(config.data)
-        log(f"[{i + 1}/{len(todo)}] {spec.name}: {config.model.family} depth {spec.depth}, "
-            f"seed {spec.seed}, {config.train.num_steps} steps -> {root / spec.name}")
+        names = ", ".join(s.name for s in group)
+        seeds = ",".join(str(s.seed) for s in group)
+        log(f"[{i + 1}/{len(groups)}] {names}: {config.model.family} depth {group[0].depth}, "
+            f"seed{'s' if len(group) > 1 else ''} {seeds}"
+            f"{' packed' if len(group) > 1 else ''}, {config.train.num_steps} steps -> {root}")
         start = time.time()
-        train_and_evaluate(config, root / spec.name, dataset=datasets[key], interactive=interactive)
-        log(f"[{i + 1}/{len(todo)}] {spec.name} done in {time.time() - start:.0f} s")
-        ran.append(spec.name)
+        if len(group) > 1:
+            train_packed([configs[s] for s in group], [root / s.name for s in group],
+                         dataset=datasets[key], devices=pack_devices, log=log)
+        else:
+            train_and_evaluate(config, root / group[0].name, dataset=datasets[key],
+                               interactive=interactive)
+        log(f"[{i + 1}/{len(groups)}] {names} done in {time.time() - start:.0f} s")
+        ran += [s.name for s in group]
     return {"ran": ran, "skipped": skipped}
 
 

@@ -18,8 +18,10 @@ class MetricsLogger:
     """
 
     def __init__(self, workdir: Path, total_steps: int, start_step: int, batch_size: int,
-                 interactive: bool | None = None):
+                 interactive: bool | None = None, label: str = ""):
         self.active = jax.process_index() == 0
+        # Printed before each line: which run speaks when several share a terminal (packed seeds).
+        self.prefix = f"[{label}] " if label else ""
         self.total, self.batch_size = total_steps, batch_size
         self.start_step, self.start_time = start_step, time.time()
         self.progress = None
@@ -58,18 +60,18 @@ class MetricsLogger:
             if split == "train":
                 self.progress.update(self.task, completed=step, info=text)
             else:
-                self.progress.console.print(f"step {step} {split}: {text}")
+                self.progress.console.print(f"{self.prefix}step {step} {split}: {text}")
         else:
-            print(f"step {step}/{self.total} {split}: {text}", flush=True)
+            print(f"{self.prefix}step {step}/{self.total} {split}: {text}", flush=True)
 
     def message(self, text: str) -> None:
         """A line for the user, above the progress bar if there is one."""
         if not self.active:
             return
         if self.progress is not None:
-            self.progress.console.print(text)
+            self.progress.console.print(self.prefix + text)
         else:
-            print(text, flush=True)
+            print(self.prefix + text, flush=True)
 
     def close(self) -> None:
         """Flushes and closes every sink."""

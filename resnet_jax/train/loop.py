@@ -62,16 +62,20 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def jit_train_block(config: ml_collections.ConfigDict, train_def, tx, schedule, mesh: Mesh,
-                    num_steps: int) -> Callable:
+                    num_steps: int, *, packed: bool = False) -> Callable:
     """`run(state, data) -> (state, metrics)`: `num_steps` train steps in one jitted call.
 
     The state is donated (updated in place) and stays replicated; `data` is the resident
     `(images_u8, labels, stats)` of the training split. The bench times this same function.
+    `packed`: the state has a leading axis of independent runs (seeds, train/packed.py) that
+    share `data`; metrics then come back as [num_steps, runs].
     """
     t = config.train
     step_cfg = StepConfig(batch_size=t.batch_size, aug=AugmentConfig.from_config(config.data),
                           dynamic_loss_scale=t.loss_scale > 0)
     train_step = make_train_step(train_def, tx, schedule, step_cfg, mesh)
+    if packed:
+        train_step = jax.vmap(train_step, in_axes=(0, None))
     return jax.jit(make_multi_step(train_step, num_steps), donate_argnums=0,
                    out_shardings=(NamedSharding(mesh, P()), None))
 

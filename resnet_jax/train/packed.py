@@ -1,0 +1,285 @@
+"""Several seeds of one configuration trained in one compiled program ("packed" runs).
+
+A CIFAR ResNet fills a fraction of a large accelerator, so the train states of R runs are stacked
+along a leading run axis and the library's own train step is `vmap`ped over it
+(`loop.jit_train_block(..., packed=True)`); the training split on the devices is shared. On a
+multi-device mesh the run axis stays replicated and each run's batch is split over "data" as in a
+single run.
+
+Each packed run is the run it would be alone: its state starts from the same initialisation, its
+batches are a function of (its seed, its step) and so bitwise those of the single run, and its
+parameters agree with the single run's to float32 rounding (a batched convolution sums in another
+order). Each run writes its own run directory (config.json, versions.json, metrics.jsonl,
+tensorboard/, checkpoints/) with the single run's layout, so `resnet-jax report`, `evaluate` and a
+resume (alone, or packed again) cannot tell the difference.
+
+Packed runs use XLA's convolutions: oneDNN's custom calls (`model.conv_impl`) have no vmap rule.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax.config import ConfigError, resolve_steps_per_call, validate
+from resnet_jax.data import Dataset, load_dataset, replicate
+from resnet_jax.train.checkpoint import Checkpointer
+from resnet_jax.train.evaluation import evaluate_split
+from resnet_jax.train.logger import MetricsLogger
+from resnet_jax.train.loop import (
+    DivergenceError,
+    Preempted,
+    _check_workdir,
+    _flatten,
+    _mean,
+    _SigtermFlag,
+    check_resume_compatible,
+    config_to_dict,
+    jit_train_block,
+    library_versions,
+    make_mesh,
+)
+from resnet_jax.train.optim import make_optimizer, make_schedule
+from resnet_jax.train.state import TrainState, abstract_state, create_state, graphdefs
+from resnet_jax.train.step import make_eval_step
+
+# oneDNN's convolutions are custom calls without a batching (vmap) rule.
+PACKED_CONV_IMPL = "xla"
+
+
+def packed_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of one run's config as a packed run trains it: XLA's convolutions."""
+    config = config.copy_and_resolve_references()
+    config.model.conv_impl = PACKED_CONV_IMPL
+    return config
+
+
+def _check_packable(configs: Sequence[ml_collections.ConfigDict]) -> None:
+    """Raises ConfigError unless the configs differ in `train.seed` only, with distinct seeds."""
+    seeds = [c.train.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"packed runs need distinct seeds; got train.seed values {seeds}.")
+    first = _flatten(config_to_dict(configs[0]))
+    for c in configs[1:]:
+        other = _flatten(config_to_dict(c))
+        diffs = sorted(k for k in set(first) | set(other)
+                       if k != "train.seed" and first.get(k) != other.get(k))
+        if diffs:
+            shown = "; ".join(f"{k}: {first.get(k)!r} vs {other.get(k)!r}" for k in diffs[:6])
+            raise ConfigError(f"packed runs must share every config value but train.seed; "
+                              f"these differ: {shown}. Train them separately.")
+
+
+def _stacker(sharding) -> Callable[[list[TrainState]], TrainState]:
+    return jax.jit(lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states),
+                   out_shardings=sharding)
+
+
+def _taker(sharding) -> Callable[[TrainState, int], TrainState]:
+    # The run index is traced, so picking any run reuses one compiled program.
+    return jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree), out_shardings=sharding)
+
+
+def train_packed(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Path],
+                 *, allow_config_change: bool = False, dataset: Dataset | None = None,
+                 devices=None, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Trains (or resumes) the runs `configs[i]` -> `workdirs[i]` packed; returns their metrics.
+
+    The configs must differ in `train.seed` only. `devices` (default: all) hold the pack: the run
+    axis is replicated and each run's batch split over them, as in a single run; but XLA's SPMD
+    partitioner gathers the activations of the vmapped convolutions, so a pack is fastest on one
+    device. Runs resumed at different steps are packed in
+    groups of equal step, one group after another. Raises ConfigError, CheckpointError,
+    DivergenceError (naming the run) like `train_and_evaluate`; `Preempted` after every run has
+    saved on SIGTERM.
+    """
+    if len(configs) != len(workdirs) or not configs:
+        raise ConfigError(f"train_packed needs one workdir per config; got {len(configs)} "
+                          f"configs and {len(workdirs)} workdirs.")
+    if log is None:
+        log = (lambda text: print(text, flush=True)) if jax.process_index() == 0 else (
+            lambda text: None)
+    workdirs = [Path(w).absolute() for w in workdirs]
+    if len(set(workdirs)) != len(workdirs):
+        raise ConfigError(f"packed runs need distinct workdirs; got {[str(w) for w in workdirs]}.")
+    mesh = make_mesh(devices)
+    for c in configs:
+        validate(c, num_devices=mesh.size)
+    original_impl = configs[0].model.get("conv_impl", "auto")
+    configs = [packed_config(c) for c in configs]
+    for c in configs:
+        c.train.steps_per_call = resolve_steps_per_call(c.train, jax.default_backend())
+    _check_packable(configs)
+    for w, c in zip(workdirs, configs, strict=True):
+        _check_workdir(w)
+        if not allow_config_change:
+            check_resume_compatible(w, c)
+    config = configs[0]
+    t = config.train
+    ds = dataset if dataset is not None else load_dataset(config.data)
+    schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
+    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
+    train_def, eval_def = graphdefs(config, ds.spec)
+    replicated = NamedSharding(mesh, P())
+    names = [w.name for w in workdirs]
+    log(f"Packing {len(configs)} runs ({', '.join(names)}) in one program with XLA's "
+        f"convolutions (model.conv_impl={PACKED_CONV_IMPL!r}"
+        + (f" instead of {original_impl!r}" if original_impl != PACKED_CONV_IMPL else "")
+        + ": oneDNN's custom calls have no vmap rule).")
+
+    ckpts = [Checkpointer(w / "checkpoints", keep=t.keep_checkpoints,
+                          async_save=t.async_checkpoints) for w in workdirs]
+    loggers: list[MetricsLogger] = []
+    try:
+        states = []
+        for c, ckpt in zip(configs, ckpts, strict=True):
+            if ckpt.latest_step() is not None:
+                states.append(ckpt.restore(abstract_state(c, ds.spec, tx, replicated)))
+            else:
+                states.append(create_state(c, ds.spec, tx, replicated))
+        starts = [int(s.step) for s in states]
+        if jax.process_index() == 0:
+            versions = {**library_versions(), "conv_impl": PACKED_CONV_IMPL}
+            for w, c in zip(workdirs, configs, strict=True):
+                (w / "config.json").write_text(json.dumps(config_to_dict(c), indent=2))
+                (w / "versions.json").write_text(json.dumps(
+                    {**versions, "packed_with": [n for n in names if n != w.name]}, indent=2))
+        # A progress bar per run would fight over the terminal: plain lines, labelled by run.
+        loggers = [MetricsLogger(w, t.num_steps, s, t.batch_size, interactive=False,
+                                 label=w.name) for w, s in zip(workdirs, starts, strict=True)]
+        for lg, s, w in zip(loggers, starts, workdirs, strict=True):
+            if s:
+                lg.message(f"Resumed {w} from step {s}.")
+        runner = _PackedRunner(config, ds, mesh, train_def, eval_def, tx, schedule, ckpts,
+                               loggers, workdirs)
+        results: list[dict] = [{} for _ in configs]
+        groups = sorted(set(starts))
+        if len(groups) > 1:
+            log(f"The runs are at different steps ({dict(zip(names, starts, strict=True))}): "
+                "each group at one step is packed in turn.")
+        for start in groups:
+            idx = [i for i, s in enumerate(starts) if s == start]
+            for i, r in zip(idx, runner.train([states[i] for i in idx], idx, start), strict=True):
+                results[i] = r
+        return results
+    finally:
+        for lg in loggers:
+            lg.close()
+        # While another error propagates, a failing pending save is logged, not raised over it.
+        for ckpt in ckpts:
+            ckpt.close(raise_errors=sys.exc_info()[0] is None)
+
+
+class _PackedRunner:
+    """The packed loop: the compiled blocks, evaluation and per-run side effects of one pack."""
+
+    def __init__(self, config, ds: Dataset, mesh, train_def, eval_def, tx, schedule,
+                 ckpts: list[Checkpointer], loggers: list[MetricsLogger], workdirs: list[Path]):
+        self.t = config.train
+        self.ds, self.mesh = ds, mesh
+        self.ckpts, self.loggers, self.workdirs = ckpts, loggers, workdirs
+        replicated = NamedSharding(mesh, P())
+        self.stack, self.take = _stacker(replicated), _taker(replicated)
+        self.data = replicate((ds.train_images, ds.train_labels, ds.stats), mesh)
+        self.run_block = jit_train_block(config, train_def, tx, schedule, mesh,
+                                         self.t.steps_per_call, packed=True)
+        self.run_one = jit_train_block(config, train_def, tx, schedule, mesh, 1, packed=True)
+        self.eval_step = jax.jit(make_eval_step(eval_def))
+        self.splits = {"validation": (ds.validation_images, ds.validation_labels),
+                       "test": (ds.test_images, ds.test_labels)}
+
+    def evaluate(self, state: TrainState, run: int) -> dict:
+        """One run's evaluation on `train.eval_splits`, logged to its directory."""
+        results = {}
+        for name in self.t.eval_splits:
+            images, labels = self.splits[name]
+            if len(images):
+                r = evaluate_split(self.eval_step, state, images, labels, self.data[2],
+                                   self.t.eval_batch_size, self.mesh)
+                self.loggers[run].write(int(state.step), name, r)
+                results[f"{name}_error"] = r["error"]
+                results[f"{name}_loss"] = r["loss"]
+        return results
+
+    def check_health(self, packed: TrainState, runs: list[int]) -> None:
+        """Raises DivergenceError naming the first run with too many non-finite steps in a row."""
+        t = self.t
+        bad_all = np.asarray(jax.device_get(packed.nonfinite_consecutive))
+        for j, run in enumerate(runs):
+            bad = int(bad_all[j])
+            if bad >= t.max_consecutive_nonfinite:
+                ckpt = self.ckpts[run]
+                ckpt.wait()
+                last = int(np.asarray(packed.step)[j])
+                good = ckpt.latest_step()
+                where = (f"Its last good checkpoint is step {good} in {ckpt.directory}"
+                         if good is not None else "It has no checkpoint yet")
+                raise DivergenceError(
+                    f"Run {self.workdirs[run]} diverged at step {last - bad + 1}: the {bad} "
+                    f"consecutive steps {last - bad + 1}..{last} had non-finite loss or "
+                    f"gradients (skipped; config.train.max_consecutive_nonfinite="
+                    f"{t.max_consecutive_nonfinite}). {where}; the other packed runs keep their "
+                    "last checkpoints. Lower config.optim.learning_rate or set "
+                    "config.optim.grad_clip_norm, then rerun to resume."
+                )
+
+    def train(self, states: list[TrainState], runs: list[int], start: int) -> list[dict]:
+        """Trains the runs `runs` (all at step `start`) packed to `train.num_steps`."""
+        t = self.t
+        packed = self.stack(states)
+        step, pending = start, []
+        last_eval: list[dict] = [{} for _ in runs]
+        with _SigtermFlag() as sigterm:
+            while step < t.num_steps:
+                fn, k = (self.run_block, t.steps_per_call) if (
+                    t.num_steps - step >= t.steps_per_call) else (self.run_one, 1)
+                packed, metrics = fn(packed, self.data)
+                step += k
+                pending.append(metrics)
+                done = step >= t.num_steps
+                if step % t.log_every == 0 or done:
+                    self.check_health(packed, runs)
+                    host = jax.device_get(pending)
+                    totals = np.asarray(jax.device_get(packed.nonfinite_total))
+                    for j, run in enumerate(runs):
+                        # Metrics are [steps, runs]: column j is run j's own record.
+                        record = _mean([{n: m[:, j] for n, m in h.items()} for h in host])
+                        record["images_per_second"] = self.loggers[run].images_per_second(step)
+                        record["nonfinite_total"] = int(totals[j])
+                        self.loggers[run].write(step, "train", record)
+                    pending = []
+                evaluated = step % t.eval_every == 0 or done
+                checkpoint = step % t.checkpoint_every == 0 or done or sigterm.raised
+                if evaluated or checkpoint:
+                    # Let the train block finish first: on CPU, two different programs with
+                    # collectives in flight at once can starve XLA's in-process rendezvous.
+                    jax.block_until_ready(packed)
+                if evaluated:
+                    last_eval = [self.evaluate(self.take(packed, j), run)
+                                 for j, run in enumerate(runs)]
+                if checkpoint:
+                    self.check_health(packed, runs)
+                    for j, run in enumerate(runs):
+                        best = {k: v for k, v in last_eval[j].items() if k == "validation_error"}
+                        self.ckpts[run].save(self.take(packed, j),
+                                             metrics=best if evaluated else None)
+                if sigterm.raised:
+                    for run in runs:
+                        self.ckpts[run].wait()
+                        self.loggers[run].message(
+                            f"SIGTERM: saved step {step}; rerun the same command to resume.")
+                    raise Preempted(step)
+        for run in runs:
+            self.ckpts[run].wait()
+        totals = np.asarray(jax.device_get(packed.nonfinite_total))
+        return [{"step": step, **last_eval[j], "nonfinite_total": int(totals[j])}
+                for j in range(len(runs))]
