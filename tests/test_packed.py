@@ -116,10 +116,11 @@ def test_packed_runs_match_single_runs(runs, sample_dataset):
         b = restore(root / f"single_seed{s}", config, ds)
         states[s] = a
         assert int(a.step) == int(b.step) == STEPS
-        # Step 1 agrees to 8.7e-7 (float32 rounding). By step 50 a ReLU whose input is within
-        # rounding of 0 has flipped and SGD has amplified it: measured 4.9e-3 here (max at a BN
-        # bias, a small leaf; whole-vector relative L2 8.7e-5). The same single run on 1 instead
-        # of 8 devices (summation order only) diverges alike: 4.5e-3 after 2 steps at lr 0.1.
+        # Measured max relative differences, seeds 0/1: after 1 step 1.7e-6/8.5e-7 (float32
+        # rounding); after 50 steps 4.7e-4/5.1e-3 (at BN biases, small leaves; relative L2 of
+        # all parameters 3.6e-6/3.6e-5): a ReLU input within rounding of 0 flips and SGD
+        # amplifies it. The same single run on 1 instead of 8 devices (summation order only)
+        # diverges alike: 4.5e-3 after 2 steps at lr 0.1. A wrong seed or batch gives ~1.
         rel = max_rel_diff((a.params, a.batch_stats), (b.params, b.batch_stats))
         assert rel < 2e-2, rel
         np.testing.assert_array_equal(np.asarray(a.rng), np.asarray(b.rng))

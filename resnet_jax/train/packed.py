@@ -79,7 +79,8 @@ def _check_packable(configs: Sequence[ml_collections.ConfigDict]) -> None:
                               f"these differ: {shown}. Train them separately.")
 
 
-def _stacker(sharding) -> Callable[[list[TrainState]], TrainState]:
+def make_stacker(sharding) -> Callable[[list[TrainState]], TrainState]:
+    """`stack(states) -> state`: the runs' states along a new leading run axis, on `sharding`."""
     return jax.jit(lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states),
                    out_shardings=sharding)
 
@@ -188,7 +189,7 @@ class _PackedRunner:
         self.ds, self.mesh = ds, mesh
         self.ckpts, self.loggers, self.workdirs = ckpts, loggers, workdirs
         replicated = NamedSharding(mesh, P())
-        self.stack, self.take = _stacker(replicated), _taker(replicated)
+        self.stack, self.take = make_stacker(replicated), _taker(replicated)
         self.data = replicate((ds.train_images, ds.train_labels, ds.stats), mesh)
         self.run_block = jit_train_block(config, train_def, tx, schedule, mesh,
                                          self.t.steps_per_call, packed=True)
