@@ -20,7 +20,10 @@
 # 0.6 + 0.93 * depth microseconds per image) with no gain from packing, then rescaled by what the
 # chunk's finished jobs really took. ~51 minutes of training in all: 6-8 calls.
 #
-# Back under $OUT (at most 8 files): log.txt, gpu_grid_runs.tar.gz (per run: config.json,
+# PACKBENCH=1 first times packing itself (benchmarks/pack_speed.py, ResNet-20/56/110, img/s per
+# seed packed vs alone) into pack_speed.txt; PACK=0 trains the seeds one after another instead.
+#
+# Back under $OUT (at most 8 files): log.txt, pack_speed.txt, gpu_grid_runs.tar.gz (per run: config.json,
 # versions.json, metrics.jsonl, ablate log; the chunk's report table and Figure 6) and, while each
 # file stays under 15 MiB, gpu_grid_ckpt_N.tar.gz with the runs' final checkpoints.
 #
@@ -90,6 +93,14 @@ for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections"
 import jax; print(jax.devices())
 EOF
 
+if [ "${PACKBENCH:-0}" = 1 ]; then
+  # Issue 18's question: img/s per seed, 3 seeds packed vs one alone (~2-3 min of the budget).
+  if [ "${SMOKE:-0}" = 1 ]; then PB=(--depths 8 --batch-size 32 --calls 2)
+  else PB=(--depths 20,56,110 --batch-size 128 --steps-per-call 100 --calls 3); fi
+  say "pack_speed ${PB[*]}"
+  timeout 300 $PY benchmarks/pack_speed.py --runs 3 "${PB[@]}" 2>&1 | tee -a "$LOG" "$OUT/pack_speed.txt"
+fi
+
 # A finished run: its metrics.jsonl has a test record at the last step.
 finished() {
   local m=$1/metrics.jsonl
@@ -106,7 +117,7 @@ for job in $JOBS; do
     finished "$DONE_DIR/$kind${depth}_seed$s" || finished "$ROOT/$kind${depth}_seed$s" \
       || todo+=("$s")
   done
-  [ ${#todo[@]} = 0 ] && continue
+  [ ${#todo[@]} = 0 ] && { say "finished already: $kind$depth seeds $seeds"; continue; }
   seedlist=$(IFS=,; echo "${todo[*]}")
   base=$(estimate "$depth" "${#todo[@]}")
   est=$($PY -c "print(int($base * $FACTOR))")
