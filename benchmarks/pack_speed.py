@@ -5,8 +5,8 @@ random CIFAR-shaped data resident on the device, after a warm-up call (compile e
 
     python benchmarks/pack_speed.py --depths 20,56,110 --runs 3 --steps-per-call 100 --calls 3
 
-Rows: `single` (the configured `model.conv_impl`, "auto" = oneDNN on a one-device CPU run),
-`single-xla` (XLA's convolutions, what a pack uses) and `packed` (R seeds in one program). The
+Rows: `single` (`model.backend` "auto": oneDNN on a one-device CPU run, plain on GPU/TPU),
+`single-xla` (the backend a pack uses: xla_cpu instead of oneDNN) and `packed` (R seeds). The
 last column is total img/s over the `single` row's: for `packed`, how much faster R seeds train
 packed than one after another.
 """
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=1, help="devices of the mesh (default 1)")
     args = p.parse_args()
 
-    from resnet_jax.platform import backend_initialized, configure_cpu
+    from resnet_jax.backends.xla_flags import backend_initialized, configure_cpu
 
     if not backend_initialized():
         configure_cpu()

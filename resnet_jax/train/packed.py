@@ -13,7 +13,9 @@ order). Each run writes its own run directory (config.json, versions.json, metri
 tensorboard/, checkpoints/) with the single run's layout, so `resnet-jax report`, `evaluate` and a
 resume (alone, or packed again) cannot tell the difference.
 
-Packed runs use XLA's convolutions: oneDNN's custom calls (`model.conv_impl`) have no vmap rule.
+Packed runs never use the oneDNN backend: its custom calls have no vmap rule, so where
+`model.backend` is or resolves to "onednn" a pack trains with "xla_cpu" (XLA's convolutions, the
+same values to float32 rounding) and says so.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax import backends
 from resnet_jax.config import ConfigError, resolve_steps_per_call, validate
 from resnet_jax.data import Dataset, load_dataset, replicate
+from resnet_jax.rundir.spec import write_spec
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.logger import MetricsLogger
@@ -49,17 +53,23 @@ from resnet_jax.train.loop import (
     make_mesh,
 )
 from resnet_jax.train.optim import make_optimizer, make_schedule
-from resnet_jax.train.state import TrainState, abstract_state, create_state, graphdefs
+from resnet_jax.train.pretrained import init_from_file
+from resnet_jax.train.state import DTYPES, TrainState, abstract_state, create_state, graphdefs
 from resnet_jax.train.step import make_eval_step
 
-# oneDNN's convolutions are custom calls without a batching (vmap) rule.
-PACKED_CONV_IMPL = "xla"
+# oneDNN's convolutions are custom calls without a batching (vmap) rule; this is the backend a
+# pack takes instead (XLA's convolutions with the same CPU tuning).
+UNPACKABLE_BACKEND, PACKED_BACKEND = "onednn", "xla_cpu"
 
 
 def packed_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of one run's config as a packed run trains it: XLA's convolutions."""
+    """A copy of one run's config as a packed run trains it: never the oneDNN backend."""
     config = config.copy_and_resolve_references()
-    config.model.conv_impl = PACKED_CONV_IMPL
+    m = config.model
+    if m.backend == UNPACKABLE_BACKEND or (
+            m.backend == "auto"
+            and backends.select("auto", dtype=DTYPES[m.dtype])[0] == UNPACKABLE_BACKEND):
+        m.backend = PACKED_BACKEND
     return config
 
 
@@ -115,7 +125,7 @@ def train_packed(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     mesh = make_mesh(devices)
     for c in configs:
         validate(c, num_devices=mesh.size)
-    original_impl = configs[0].model.get("conv_impl", "auto")
+    asked = configs[0].model.backend
     configs = [packed_config(c) for c in configs]
     for c in configs:
         c.train.steps_per_call = resolve_steps_per_call(c.train, jax.default_backend())
@@ -132,34 +142,44 @@ def train_packed(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     train_def, eval_def = graphdefs(config, ds.spec)
     replicated = NamedSharding(mesh, P())
     names = [w.name for w in workdirs]
-    log(f"Packing {len(configs)} runs ({', '.join(names)}) in one program with XLA's "
-        f"convolutions (model.conv_impl={PACKED_CONV_IMPL!r}"
-        + (f" instead of {original_impl!r}" if original_impl != PACKED_CONV_IMPL else "")
-        + ": oneDNN's custom calls have no vmap rule).")
+    backend, why = backends.select(config.model.backend, dtype=DTYPES[config.model.dtype])
+    log(f"Packing {len(configs)} runs ({', '.join(names)}) in one program, backend {backend}"
+        + (f" instead of oneDNN (model.backend={asked!r}): oneDNN's custom calls have no vmap "
+           "rule" if config.model.backend != asked else f" ({why})") + ".")
 
     ckpts = [Checkpointer(w / "checkpoints", keep=t.keep_checkpoints,
                           async_save=t.async_checkpoints) for w in workdirs]
     loggers: list[MetricsLogger] = []
     try:
-        states = []
+        # Each run starts as train_and_evaluate starts it (loop.py): restored, or created (and
+        # initialised from train.init_from), then its directory written the same way.
+        states, notes = [], []
         for c, ckpt in zip(configs, ckpts, strict=True):
+            run_notes: list[str] = []
             if ckpt.latest_step() is not None:
-                states.append(ckpt.restore(abstract_state(c, ds.spec, tx, replicated)))
+                state = ckpt.restore(abstract_state(c, ds.spec, tx, replicated))
             else:
-                states.append(create_state(c, ds.spec, tx, replicated))
+                state = create_state(c, ds.spec, tx, replicated)
+                if c.train.get("init_from"):
+                    state, run_notes = init_from_file(state, c, ds.spec, mesh)
+            states.append(state)
+            notes.append(run_notes)
         starts = [int(s.step) for s in states]
         if jax.process_index() == 0:
-            versions = {**library_versions(), "conv_impl": PACKED_CONV_IMPL}
+            versions = {**library_versions(), "backend": backend, "backend_reason": why}
             for w, c in zip(workdirs, configs, strict=True):
                 (w / "config.json").write_text(json.dumps(config_to_dict(c), indent=2))
                 (w / "versions.json").write_text(json.dumps(
                     {**versions, "packed_with": [n for n in names if n != w.name]}, indent=2))
+                write_spec(w, ds.spec, ds.stats, c.data.normalization)
         # A progress bar per run would fight over the terminal: plain lines, labelled by run.
         loggers = [MetricsLogger(w, t.num_steps, s, t.batch_size, interactive=False,
                                  label=w.name) for w, s in zip(workdirs, starts, strict=True)]
-        for lg, s, w in zip(loggers, starts, workdirs, strict=True):
+        for lg, s, w, run_notes in zip(loggers, starts, workdirs, notes, strict=True):
             if s:
                 lg.message(f"Resumed {w} from step {s}.")
+            for note in run_notes:
+                lg.message(note)
         runner = _PackedRunner(config, ds, mesh, train_def, eval_def, tx, schedule, ckpts,
                                loggers, workdirs)
         results: list[dict] = [{} for _ in configs]
