@@ -7,11 +7,13 @@ multi-device mesh the run axis stays replicated and each run's batch is split ov
 single run.
 
 Each packed run is the run it would be alone: its state starts from the same initialisation, its
-batches are a function of (its seed, its step) and so bitwise those of the single run, and its
-parameters agree with the single run's to float32 rounding (a batched convolution sums in another
-order). Each run writes its own run directory (config.json, versions.json, metrics.jsonl,
-tensorboard/, checkpoints/) with the single run's layout, so `resnet-jax report`, `evaluate` and a
-resume (alone, or packed again) cannot tell the difference.
+batches are a function of (its seed, its step) and so bitwise those of the single run, and a step
+changes its parameters as the single run's step does to float32 rounding (a batched convolution
+sums in another order; over many steps SGD amplifies that rounding as it does between one and
+eight devices, tests/test_packed.py). Each run writes its own run directory (config.json,
+versions.json, metrics.jsonl, tensorboard/, checkpoints/, the dataset spec) with the single run's
+layout, so `resnet-jax report`, `evaluate` and a resume (alone, or packed again) cannot tell the
+difference.
 
 Packed runs never use the oneDNN backend: its custom calls have no vmap rule, so where
 `model.backend` is or resolves to "onednn" a pack trains with "xla_cpu" (XLA's convolutions, the
@@ -108,8 +110,8 @@ def train_packed(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     The configs must differ in `train.seed` only. `devices` (default: all) hold the pack: the run
     axis is replicated and each run's batch split over them, as in a single run; but XLA's SPMD
     partitioner gathers the activations of the vmapped convolutions, so a pack is fastest on one
-    device. Runs resumed at different steps are packed in
-    groups of equal step, one group after another. Raises ConfigError, CheckpointError,
+    device. Runs resumed at different steps are packed in groups of equal step, one group after
+    another. Raises ConfigError, CheckpointError,
     DivergenceError (naming the run) like `train_and_evaluate`; `Preempted` after every run has
     saved on SIGTERM.
     """
