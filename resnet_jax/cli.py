@@ -20,6 +20,9 @@ def _add_train(sub) -> None:
     p.add_argument("--workdir", required=True, help="run directory (resumes if it holds a run)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a run even if its saved config differs")
+    p.add_argument("--restart", action="store_true",
+                   help="start the run in --workdir again from step 0; its old files are moved "
+                   "to WORKDIR/archive/ (e.g. when no checkpoint is usable)")
     p.set_defaults(func=_run_train)
 
 
@@ -32,10 +35,11 @@ def _run_train(args, overrides: list[str]) -> int:
     maybe_initialize_distributed()
     try:
         result = train_and_evaluate(config, args.workdir,
-                                    allow_config_change=args.allow_config_change)
+                                    allow_config_change=args.allow_config_change,
+                                    restart=args.restart)
     except Preempted as e:
-        print(f"Preempted at step {e.args[0]}; checkpoint saved.", file=sys.stderr)
-        return 143
+        print(e, file=sys.stderr)
+        return e.exit_code
     summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in result.items())
     print(f"Done: {summary}. Run directory: {args.workdir}")
@@ -98,17 +102,29 @@ def _plugins():
 def _known_errors() -> tuple[type[BaseException], ...]:
     from resnet_jax.config import ConfigError
     from resnet_jax.data import DatasetNotFoundError
+    from resnet_jax.rundir.lock import WorkdirLockedError
     from resnet_jax.train import CheckpointError, DivergenceError
 
-    # OSError covers FileNotFoundError, PermissionError and a full disk outside checkpoints.
+    # OSError covers FileNotFoundError, PermissionError and WriteError (e.g. a full disk).
     return (ConfigError, DatasetNotFoundError, CheckpointError, DivergenceError, ValueError,
-            OSError, NotImplementedError)
+            OSError, NotImplementedError, WorkdirLockedError)
 
 
 def format_error(e: BaseException) -> str:
     """An error as the one paragraph the CLI prints: `error: ...` with whitespace collapsed."""
     text = " ".join(str(e).split()) or type(e).__name__
     return f"error: {text}"
+
+
+def _quiet_library_logs() -> None:
+    """Hides Orbax's own error logs (with tracebacks from its background threads).
+
+    Every failure they describe reaches the user as our one-paragraph error; `--debug` keeps
+    them for a bug report.
+    """
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def _configure_cpu() -> None:
@@ -140,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command != "bench":  # the bench sets (or skips) the CPU flags from its own options
         _configure_cpu()
+    if not args.debug:
+        _quiet_library_logs()
     try:
         return args.func(args, overrides)
     except _known_errors() as e:
@@ -147,6 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(format_error(e), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        # Outside the training loop (which saves and says so): nothing to save yet.
+        print(f"Interrupted (Ctrl-C); `resnet-jax {args.command}` stopped.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

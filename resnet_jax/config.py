@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
-import json
 import math
 import pkgutil
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import ml_collections
 from resnet_jax.data import default_data_config, validate_data_config
 from resnet_jax.models import FAMILIES
 from resnet_jax.models.blocks import SHORTCUTS
+from resnet_jax.rundir.files import read_json
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("piecewise", "cosine", "constant")
@@ -126,18 +126,38 @@ def preset_obstacle(name: str) -> str | None:
 def get_preset(name: str) -> ml_collections.ConfigDict:
     """The config of preset `name` (a file under resnet_jax/configs/, or a path to a .py file)."""
     if name.endswith(".py"):
-        spec = importlib.util.spec_from_file_location("_user_config", name)
-        if spec is None or not Path(name).is_file():
-            raise ConfigError(f"--config {name!r}: no such file.")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config()
+        return _user_config(name)
     presets = available_presets()
     if name not in presets:
         close = difflib.get_close_matches(name, presets, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"Unknown config preset {name!r}.{hint} Available: {', '.join(presets)}.")
     return importlib.import_module(f"resnet_jax.configs.{name}").get_config()
+
+
+def _user_config(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the user's config file `path`; ConfigError naming it on any failure."""
+    spec = importlib.util.spec_from_file_location("_user_config", path)
+    if spec is None or not Path(path).is_file():
+        raise ConfigError(f"--config {path!r}: no such file.")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's code may raise anything
+        raise ConfigError(f"--config {path}: importing it raised {type(e).__name__}: {e}") from e
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"--config {path} has no get_config() function; a config file "
+                          "defines `def get_config() -> ml_collections.ConfigDict`.")
+    try:
+        config = get_config()
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"--config {path}: get_config() raised {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"--config {path}: get_config() returned a {type(config).__name__}, "
+                          "not an ml_collections.ConfigDict (start from "
+                          "resnet_jax.config.default_config()).")
+    return config
 
 
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -231,7 +251,13 @@ def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
                 with base.ignore_type():
                     base[k] = tuple(v) if isinstance(v, list) else v
 
-    saved = json.loads(path.read_text())
+    try:
+        saved = read_json(path, "run config")
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{e} Restore it from a copy; without it the run's model and data are "
+                          "unknown.") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a run config (a JSON object); restore it from a copy.")
     model = saved.get("model", {})
     if "conv_impl" in model:  # runs made before `model.backend` replaced `model.conv_impl`
         legacy = model.pop("conv_impl")
@@ -246,12 +272,18 @@ def _check(ok: bool, key: str, value, valid: str) -> None:
         raise ConfigError(f"config.{key}={value!r} is not valid: {valid}.")
 
 
+# The largest float32: training computes in float32 (or less), where a larger value is inf.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _positive(config, key: str, *, allow_zero: bool = False) -> None:
     section, leaf = key.split(".")
     v = config[section][leaf]
     ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     ok = ok and (v >= 0 if allow_zero else v > 0)
     _check(ok, key, v, "must be a finite number " + (">= 0" if allow_zero else "> 0"))
+    _check(v <= FLOAT32_MAX, key, v, f"must be at most {FLOAT32_MAX:.4g} (the largest float32; "
+           "training computes in float32, where a larger value is infinite)")
 
 
 def resolve_steps_per_call(train: ml_collections.ConfigDict, backend: str) -> int:

@@ -1,18 +1,22 @@
 """Runs one training process for the subprocess tests (fault injection, multi-process).
 
-    python tests/helpers_train_proc.py WORKDIR [section.key=value ...]
+    python tests/helpers_train_proc.py [--cli] WORKDIR [section.key=value ...]
 
-Starts from the `quick` preset with the given overrides. Prints `MARK <event> <step>` lines
-(flushed) that the tests wait for before killing the process:
+Starts from the `quick` preset with the given overrides; with --cli, through `resnet-jax train`
+(its messages and exit status), else by calling `train_and_evaluate`. Prints
+`MARK <event> <step>` lines (flushed) that the tests wait for before killing the process:
   restoring N / resumed N around the restore of the latest checkpoint (N: its step)
   start N                 training starts (or resumes) at step N
   saving N                an async checkpoint save of step N has started (writing in background)
   finalizing N            Orbax is about to commit step N (data written, not yet renamed)
   logged N                the train metrics of step N were written (between steps)
+  waiting N               paused after logging step N until a file appears (see below)
   done N                  the run finished at step N
 Test hooks, read from the environment (the library itself has none):
   RESNET_JAX_TEST_FINALIZE_DELAY  STEP:SECONDS, sleep before committing STEP (a kill lands there)
   RESNET_JAX_TEST_LOG_PAUSE       STEP:SECONDS, sleep after logging the train record of STEP
+  RESNET_JAX_TEST_LOG_WAIT        STEP:FILE[,STEP:FILE], after logging the train record of STEP,
+                                  wait until FILE exists (the test creates it to continue)
   RESNET_JAX_TEST_CACHE           a persistent XLA compilation cache directory (faster restarts)
 Multi-process runs set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 """
@@ -41,6 +45,8 @@ def install_hooks() -> None:
     delay = float(delay)
     pause_step, _, pause = os.environ.get("RESNET_JAX_TEST_LOG_PAUSE", ":0").partition(":")
     pause = float(pause)
+    waits = dict(item.split(":", 1) for item in
+                 os.environ.get("RESNET_JAX_TEST_LOG_WAIT", "").split(",") if item)
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
     async def slow_finalize(self):
@@ -75,6 +81,10 @@ def install_hooks() -> None:
                 mark("logged", step)
                 if pause and str(step) == pause_step:
                     time.sleep(pause)
+                if str(step) in waits:
+                    mark("waiting", step)
+                    while not os.path.exists(waits[str(step)]):
+                        time.sleep(0.05)
 
     loop.Checkpointer = MarkedCheckpointer
     loop.MetricsLogger = MarkedLogger
@@ -94,10 +104,16 @@ def main(argv: list[str]) -> int:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     from resnet_jax.config import apply_overrides, get_preset, validate
 
-    workdir, overrides = argv[0], argv[1:]
+    cli = argv[0] == "--cli"
+    workdir, overrides = argv[cli], argv[cli + 1:]
     config = apply_overrides(get_preset("quick"), overrides)
     validate(config)
     install_hooks()
+    if cli:
+        from resnet_jax.cli import main as cli_main
+
+        return cli_main(["train", "--workdir", workdir, "--config", "quick",
+                         *(f"--config.{o}" for o in overrides)])
     result = loop.train_and_evaluate(config, workdir, interactive=False)
     mark("done", result["step"])
     return 0

@@ -1,13 +1,16 @@
-"""Faults: SIGKILL at any moment, corrupted checkpoints, divergence, a full or vanished disk.
+"""Faults: SIGKILL at any moment, a second run on one workdir, Ctrl-C, corrupted checkpoints,
+no usable checkpoint, divergence, a full or vanished disk.
 
 The kill test runs training in subprocesses (`helpers_train_proc.py`) on 2 simulated devices
-with async checkpoints; the others reuse the session's finished `tiny_run` (checkpoints 10, 20).
+with async checkpoints; the others reuse the session's finished `tiny_run` (checkpoints 10, 20)
+or repeat it exactly (`TINY`: its config as overrides) to compare bit for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import queue
@@ -51,6 +54,13 @@ KILL_RUN = [
     "train.checkpoint_every=4", "train.steps_per_call=1", "train.async_checkpoints=True",
     "train.eval_batch_size=200", "train.eval_splits=()", "optim.warmup_steps=0",
 ]
+# tiny_config(steps_per_call=5), i.e. the session's tiny_run, as overrides of the quick preset.
+TINY = [
+    "train.batch_size=64", "train.num_steps=20", "train.log_every=5", "train.eval_every=10",
+    "train.checkpoint_every=10", "train.eval_batch_size=200", "train.async_checkpoints=False",
+    "optim.warmup_steps=0", "train.steps_per_call=5",
+]
+TINY_CLI = ["--config", "quick", *(f"--config.{o}" for o in TINY)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,10 +70,13 @@ KILL_RUN = [
 class TrainProcess:
     """A helper training process whose `MARK` lines can be awaited."""
 
-    def __init__(self, workdir: Path, overrides: list[str], env: dict[str, str]):
+    def __init__(self, workdir: Path, overrides: list[str], env: dict[str, str],
+                 cli: bool = False, stderr: Path | None = None):
+        """`cli`: train through `resnet-jax train`; `stderr`: a file for it (else with stdout)."""
+        self._stderr = open(stderr, "w") if stderr else subprocess.STDOUT  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, str(HELPER), str(workdir), *overrides], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, str(HELPER), *(["--cli"] if cli else []), str(workdir), *overrides],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
@@ -122,6 +135,13 @@ def committed_steps(ckpt_dir: Path) -> list[int]:
 def tmp_dirs(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir() if "tmp" in p.name) if ckpt_dir.is_dir() \
         else []
+
+
+def logged(workdir: Path) -> list[tuple[str, int, dict]]:
+    """Every line of metrics.jsonl as (split, step, values without the wall-clock speed)."""
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r.pop("split"), r.pop("step"), {k: v for k, v in r.items()
+                                             if k != "images_per_second"}) for r in records]
 
 
 def assert_trees_equal(a, b) -> None:
@@ -216,7 +236,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(preempted_run):
     workdir, returncode, out, err = preempted_run
     assert returncode == 143, err[-3000:]
     step = int(re.search(r"Preempted at step (\d+); checkpoint saved\.", err).group(1))
-    assert step >= 2 and f"SIGTERM: saved step {step}; rerun the same command to resume." in out
+    # One line on stderr and nothing else: no traceback, no second message on stdout.
+    assert err == f"Preempted at step {step}; checkpoint saved. Rerun the same command to resume.\n"
+    assert step >= 2 and "SIGTERM" not in out
     # The only checkpoint is the one SIGTERM made (the next scheduled one is at step 1000).
     ckpts = workdir / "checkpoints"
     assert committed_steps(ckpts) == [step] and verify_manifest(ckpts / str(step)) is None
@@ -234,6 +256,72 @@ def test_rerun_says_where_it_resumed(preempted_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"Resumed {run} from step {step}."
     assert f"Done: step={step}" in out
+
+
+def test_second_run_is_refused_and_ctrl_c_saves_a_resumable_checkpoint(tiny_run, tmp_path,
+                                                                        sample_dataset, capsys):
+    """A training started on a workdir in use exits 2 within seconds naming the holder and
+    touches nothing; Ctrl-C then saves the first run's step, prints one line and exits 130; the
+    rerun ends bitwise equal to the uninterrupted tiny_run, with one record per (split, step)."""
+    workdir = tmp_path / "run"
+    go = {5: tmp_path / "go5", 15: tmp_path / "go15"}
+    env = subprocess_env(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]), 8,
+                         RESNET_JAX_TEST_LOG_WAIT=",".join(f"{k}:{v}" for k, v in go.items()))
+    first = TrainProcess(workdir, TINY, env, cli=True, stderr=tmp_path / "first.err")
+    first.wait_for("MARK waiting 5")
+
+    def snapshot() -> dict:
+        return {str(p.relative_to(workdir)): p.read_bytes() if p.is_file() else None
+                for p in sorted(workdir.rglob("*")) if p.name != ".resnet_jax.lock"}
+
+    before = snapshot()
+    start = time.monotonic()
+    rc = main(["train", "--workdir", str(workdir), *TINY_CLI])
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and elapsed < 15, (rc, elapsed)
+    assert len(err) == 1 and err[0].startswith(f"error: --workdir {workdir} is in use by "
+                                               f"another run: pid {first.proc.pid} on ")
+    assert f"(helpers_train_proc.py --cli {workdir} " in err[0]  # the holder's command
+    assert snapshot() == before  # the refused run wrote nothing, not even a metrics line
+
+    go[5].touch()
+    first.wait_for("MARK waiting 15")
+    first.proc.send_signal(signal.SIGINT)
+    go[15].touch()
+    assert first.proc.wait(timeout=240) == 130
+    first._stderr.close()
+    assert (tmp_path / "first.err").read_text() == (
+        "Interrupted (Ctrl-C) at step 15; checkpoint saved. Rerun the same command to resume.\n")
+    assert committed_steps(workdir / "checkpoints") == [10, 15]
+
+    result = train_and_evaluate(tiny_config(steps_per_call=5), workdir, dataset=sample_dataset,
+                                interactive=False)
+    assert result["test_error"] == tiny_run[1]["test_error"]
+    assert_trees_equal(restore_run(workdir)[2], restore_run(tiny_run[0])[2])
+    lines = logged(workdir)
+    assert len({(split, step) for split, step, _ in lines}) == len(lines) == 8
+    assert lines == logged(tiny_run[0])
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    """The first Ctrl-C asks for a save; a second one ends the process without waiting."""
+    code = ("import os, signal, time\n"
+            "from resnet_jax.train.signals import StopSignals\n"
+            "with StopSignals() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(0.2)\n"
+            "    print('first', stop.received, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(60)\n"
+            "print('still running', flush=True)\n")
+    env = subprocess_env(tmp_path, 1)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.split() == ["first", str(int(signal.SIGINT))]
+    assert proc.returncode == -signal.SIGINT  # killed by the signal, as a shell shows with 130
+    assert time.monotonic() - start < 50  # the 60 s sleep did not run out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,21 +403,33 @@ def test_damaged_checkpoint_falls_back_with_a_warning(tiny_run, sample_dataset, 
     # Moved aside, so the resumed run can write step 20 again; the evidence is kept.
     expected = [10, 20] if damage == "truncated, no manifest" else [10]
     assert committed_steps(ckpts) == expected
-    assert len(list((run / "checkpoints.corrupt").iterdir())) == 1
+    assert len([p for p in (run / "checkpoints.corrupt").iterdir() if p.is_dir()]) == 1
 
 
-def test_no_good_checkpoint_fails_clearly(tiny_run, tmp_path, capsys):
+def test_no_good_checkpoint_refuses_every_rerun_until_restart(tiny_run, tmp_path, capfd):
     run = _copy_run(tiny_run, tmp_path)
     for step in (10, 20):
         _truncate(_largest_file(run / "checkpoints" / str(step)))
-    rc = main(["train", "--workdir", str(run), "--allow-config-change",
-               "--config.train.batch_size=32", "--config.train.eval_batch_size=200"])
-    err = capsys.readouterr().err
-    assert rc == 2
-    lines = err.strip().splitlines()
+    errors = []
+    for _ in range(2):  # the rerun refuses the same way, though the checkpoints were moved aside
+        assert main(["train", "--workdir", str(run), *TINY_CLI]) == 2
+        errors.append(capfd.readouterr().err)
+    assert errors[0] == errors[1]
+    lines = errors[0].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: No usable checkpoint in ")
-    assert "checkpoints/10 is unusable" in err and "checkpoints/20 is unusable" in err
-    assert "Traceback" not in err
+    assert "checkpoints/20 is unusable" in lines[0] and "checkpoints/10 is unusable" in lines[0]
+    assert "--restart" in lines[0]
+    assert committed_steps(run / "checkpoints") == []
+    old_metrics = (run / "metrics.jsonl").read_bytes()
+
+    assert main(["train", "--workdir", str(run), "--restart", *TINY_CLI]) == 0
+    assert "Traceback" not in capfd.readouterr().err
+    archived = list((run / "archive").iterdir())
+    assert len(archived) == 1 and (archived[0] / "metrics.jsonl").read_bytes() == old_metrics
+    assert (archived[0] / "checkpoints.corrupt").is_dir()
+    assert committed_steps(run / "checkpoints") == [10, 20]
+    assert logged(run) == logged(tiny_run[0])  # from step 0 again, one record per step
+    assert_trees_equal(restore_run(run)[2], restore_run(tiny_run[0])[2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,10 +474,18 @@ def test_checkpointer_refuses_non_finite_parameters(tiny_run, sample_dataset, tm
     state = ckpt.restore(_target(sample_dataset))
     bad = state.replace(step=state.step + 10,
                         params=jax.tree.map(lambda x: x * np.nan, state.params))
-    with pytest.raises(CheckpointError, match="Refusing to save step 30.*not finite.*20"):
+    with pytest.raises(CheckpointError, match="diverged: the parameters of step 30 are not finite"
+                       r".*The last good checkpoint \(step 20\)"):
         ckpt.save(bad)
     ckpt.close()
     assert committed_steps(ckpts) == [10, 20]
+    # Diverged before the first checkpoint (e.g. learning_rate=1e30): no "checkpoint (None)".
+    fresh = Checkpointer(tmp_path / "fresh", async_save=False)
+    with pytest.raises(CheckpointError) as info:
+        fresh.save(bad)
+    fresh.close()
+    assert "No checkpoint was written before that" in str(info.value)
+    assert "None" not in str(info.value) and committed_steps(tmp_path / "fresh") == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,3 +539,84 @@ def test_vanished_checkpoint_directory_fails_loudly(tiny_run, sample_dataset, tm
     reader = Checkpointer(ckpts, read_only=True)
     assert int(reader.restore(target).step) == 20
     reader.close()
+
+
+def _full_disk_error() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _fill_checkpoint_commit(monkeypatch) -> None:
+    from orbax.checkpoint._src.path import async_path
+
+    write_text = async_path.write_text
+
+    async def full_disk(path, text, *args, **kwargs):
+        if "commit_success" in str(path) and "/30." in str(path):
+            raise _full_disk_error()
+        return await write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(async_path, "write_text", full_disk)
+
+
+def _fill_metrics_at_step_25(monkeypatch) -> None:
+    import builtins
+
+    import resnet_jax.rundir.metrics as metrics
+
+    class FillingFile:
+        def __init__(self, *args, **kwargs):
+            self._file = builtins.open(*args, **kwargs)
+
+        def write(self, text):
+            if '"step": 25,' in text:
+                self._file.write(text[:9])  # a partial line, as a full disk leaves it
+                raise _full_disk_error()
+            return self._file.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    monkeypatch.setattr(metrics, "open", FillingFile, raising=False)
+
+
+def _fill_tensorboard_at_third_flush(monkeypatch) -> None:
+    from tensorboardX.record_writer import RecordWriter
+
+    flush, calls = RecordWriter.flush, []
+
+    def full_disk(self):
+        calls.append(1)
+        if len(calls) >= 3:  # the resume's purge marker and step 25's records went through
+            raise _full_disk_error()
+        return flush(self)
+
+    monkeypatch.setattr(RecordWriter, "flush", full_disk)
+
+
+DISK_FULL = {
+    "checkpoint": (_fill_checkpoint_commit, "the checkpoint of step 30 to {run}/checkpoints: the "
+                   "disk is full", "The previous checkpoint (step 20) is kept"),
+    "metrics": (_fill_metrics_at_step_25, "{run}/metrics.jsonl: the disk is full.",
+                "The last complete checkpoint (step 20) is kept"),
+    "tensorboard": (_fill_tensorboard_at_third_flush, "{run}/tensorboard/events.out.tfevents.",
+                    "The last complete checkpoint (step 20) is kept"),
+}
+
+
+@pytest.mark.parametrize("where", list(DISK_FULL))
+def test_disk_full_prints_only_the_documented_paragraph(tiny_run, tmp_path, capfd, monkeypatch,
+                                                        where):
+    """A full disk while saving a checkpoint, writing metrics.jsonl or flushing TensorBoard:
+    exit 2 and one `error:` line naming the file and the checkpoint to resume from, and nothing
+    else on stderr (no tracebacks from Orbax's, TensorStore's or TensorBoard's threads)."""
+    run = _copy_run(tiny_run, tmp_path)
+    fill, what, kept = DISK_FULL[where]
+    fill(monkeypatch)
+    rc = main(["train", "--workdir", str(run), *TINY_CLI, "--config.train.num_steps=30",
+               "--config.train.async_checkpoints=True"])
+    monkeypatch.undo()
+    err = capfd.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: Could not write {what.format(run=run)}") and kept in err, err
+    assert committed_steps(run / "checkpoints") == [10, 20]

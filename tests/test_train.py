@@ -19,6 +19,7 @@ from resnet_jax.config import (
     resolve_steps_per_call,
 )
 from resnet_jax.data import AugmentConfig, replicate
+from resnet_jax.rundir.metrics import read_metrics
 from resnet_jax.train import (
     Checkpointer,
     StepConfig,
@@ -31,7 +32,6 @@ from resnet_jax.train import (
     make_train_step,
     train_and_evaluate,
 )
-from resnet_jax.train.logger import read_metrics
 
 
 def small_dataset(ds, n_train):
@@ -360,3 +360,85 @@ def test_auto_steps_per_call_is_one_on_cpu_and_divides_the_intervals_elsewhere()
     paper.steps_per_call = 7
     assert resolve_steps_per_call(paper, "gpu") == 7  # an explicit value wins everywhere
     assert resolve_steps_per_call(paper, "cpu") == 7
+
+
+def _tensorboard_scalars(logdir) -> dict[tuple[str, int], float]:
+    """{(tag, step): value} of every event file under `logdir` (TFRecord framing, parsed here)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for path in sorted(logdir.iterdir()):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out[(v.tag, event.step)] = v.simple_value
+    return out
+
+
+def test_tensorboard_events_hold_every_logged_value(tiny_run):
+    workdir, _ = tiny_run
+    scalars = _tensorboard_scalars(workdir / "tensorboard")
+    records = read_metrics(workdir)
+    want = {(f"{r['split']}/{k}", r["step"]): v for r in records for k, v in r.items()
+            if k not in ("split", "step")}
+    assert len(want) > 40 and set(scalars) == set(want)
+    assert all(scalars[k] == pytest.approx(v, rel=1e-6) for k, v in want.items())
+
+
+def test_progress_bar_fits_an_80_column_terminal(tmp_path, monkeypatch):
+    """In a pseudo-terminal 80 columns wide the bar line shows step, bar, loss, img/s and ETA."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import struct
+    import sys
+    import termios
+    import threading
+
+    from resnet_jax.train.logger import MetricsLogger
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    chunks = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal was closed
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    terminal = open(slave, "w", buffering=1, closefd=True)  # noqa: SIM115 - closed below
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    log = MetricsLogger(tmp_path, 64000, 0, 128)  # interactive: stdout is a terminal
+    log.write(12800, "train", {"error": 12.5, "grad_norm": 1.2345, "learning_rate": 0.1,
+                               "loss": 0.4321, "images_per_second": 12345.6,
+                               "nonfinite_total": 0})
+    log.progress.refresh()
+    log.close()
+    terminal.close()
+    reader.join(timeout=10)
+    os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", b"".join(chunks).decode())
+    lines = [x for x in re.split(r"[\r\n]+", text) if x.strip()]
+    bars = [x for x in lines if x.startswith("step 12800/64000 ")]
+    assert bars, lines
+    bar = bars[-1]
+    assert len(bar) <= 80 and "━" in bar, bar
+    assert re.search(r"loss 0\.432 +12,346 img/s +ETA +(\d+:\d\d:\d\d|-:--:--)$", bar), bar
+    # The full record is a log line above the bar (and in metrics.jsonl).
+    assert any("grad_norm=1.234" in x and "learning_rate=0.1" in x for x in lines)

@@ -11,12 +11,12 @@ manifest or fails to read, with a warning naming it; a skipped checkpoint is mov
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from resnet_jax.rundir.files import is_disk_full
 from resnet_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,12 @@ def write_manifest(step_dir: Path) -> None:
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(MANIFEST):
             files[str(p.relative_to(step_dir))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
     tmp = step_dir / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(tmp, step_dir / MANIFEST)  # atomic: a kill leaves no half-written manifest
+    try:
+        tmp.write_text(json.dumps({"files": files}, indent=1))
+        os.replace(tmp, step_dir / MANIFEST)  # atomic: a kill leaves no half-written manifest
+    except OSError:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave the checkpoint as Orbax wrote it
+        raise
 
 
 def verify_manifest(step_dir: Path) -> str | None:
@@ -101,11 +106,41 @@ def verify_manifest(step_dir: Path) -> str | None:
 
 
 def _describe(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"the disk is full ({e})"
+    if is_disk_full(e):
+        # TensorStore's own message runs to several lines of database internals.
+        where = f" at {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        return f"the disk is full (no space left on device{where})"
     # Orbax/TensorStore messages can run to many lines; the first one says what happened.
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _late_write_callback(unraisable) -> bool:
+    """Whether an unraisable exception is a write callback arriving after its loop closed.
+
+    When one TensorStore write of an async save fails (a full disk), Orbax stops waiting and
+    closes its asyncio loop; the other writes' completion callbacks then raise "Event loop is
+    closed" in TensorStore's threads, dozens of tracebacks after the failure we already report.
+    """
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
+def _install_unraisable_filter() -> None:
+    previous = sys.unraisablehook
+    if getattr(previous, "_resnet_jax_filter", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not _late_write_callback(unraisable):
+            previous(unraisable)
+
+    hook._resnet_jax_filter = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -113,6 +148,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
+        _install_unraisable_filter()
         self.directory = Path(directory).absolute()
         self.read_only = read_only
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
@@ -138,8 +174,10 @@ class Checkpointer:
         self._unverified: list[int] = []  # saved by us, manifest not yet written
         self._skipped: set[int] = set()  # unreadable steps that restore() walked past
         self._in_flight: int | None = None
+        self._failure_raised = False  # a failed save was already reported to the caller
 
     def _fail(self, step: int | None, e: BaseException) -> CheckpointError:
+        self._failure_raised = True
         kept = [s for s in self._safe_steps() if s != step]
         keep = (f"The previous checkpoint (step {kept[-1]}) is kept" if kept
                 else "No earlier checkpoint exists")
@@ -154,6 +192,44 @@ class Checkpointer:
             return self.steps()
         except Exception:  # noqa: BLE001 - only used to word an error message
             return []
+
+    def safe_latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None (also if the directory is unreadable)."""
+        steps = self._safe_steps()
+        return steps[-1] if steps else None
+
+    @property
+    def quarantine(self) -> Path:
+        """Where unusable checkpoints are moved: `<checkpoints>.corrupt/`."""
+        return self.directory.parent / f"{self.directory.name}.corrupt"
+
+    def _no_usable(self, problems: list[str]) -> CheckpointError:
+        workdir = self.directory.parent
+        return CheckpointError(
+            f"No usable checkpoint in {self.directory}: {'; '.join(problems)}. Restore a good "
+            f"copy of {self.directory} (unusable ones are moved to {self.quarantine}/), or pass "
+            f"--restart to start the run again from step 0 (the old run's files are moved to "
+            f"{workdir / 'archive'}/)."
+        )
+
+    def raise_if_all_quarantined(self) -> None:
+        """With no checkpoint left, raises the same error as the restore that moved them aside.
+
+        So a rerun does not start silently from step 0 over a run whose checkpoints all failed.
+        """
+        if self._safe_steps() or not self.quarantine.is_dir():
+            return
+        # Newest step first, as restore() walked them, so the message reads the same.
+        entries = sorted((p for p in self.quarantine.iterdir() if p.is_dir()),
+                         key=lambda p: [-int(x) for x in p.name.split("-") if x.isdigit()])
+        problems = []
+        for p in entries:
+            reason = p.with_name(p.name + ".reason")
+            # Moved aside by an older version, which wrote no reason: name where it is.
+            problems.append(reason.read_text().strip() if reason.is_file()
+                            else f"checkpoint {p} is unusable")
+        if problems:
+            raise self._no_usable(problems)
 
     def _check_directory(self, step: int) -> None:
         if not self.directory.is_dir():
@@ -181,6 +257,14 @@ class Checkpointer:
                     write_manifest(step_dir)
                 except FileNotFoundError:
                     pass  # removed meanwhile by the preservation policy
+                except OSError as e:
+                    # The checkpoint is committed (restore works without a manifest), but the
+                    # disk is failing: stop now rather than at the next save.
+                    self._failure_raised = True
+                    raise CheckpointError(
+                        f"Could not write the checksum manifest of checkpoint {step_dir}: "
+                        f"{_describe(e)}. The checkpoint itself is complete; free disk space, "
+                        "then rerun the same command to resume from it.") from e
 
     def save(self, state: TrainState, metrics: dict | None = None, force: bool = False) -> bool:
         """Starts saving `state` at its step (async); never writes non-finite parameters.
@@ -192,9 +276,13 @@ class Checkpointer:
         """
         step = int(state.step)
         if not _finite((state.params, state.batch_stats)):
+            good = self._safe_steps()
+            kept = (f"The last good checkpoint (step {good[-1]}) in {self.directory} is kept"
+                    if good else "No checkpoint was written before that")
             raise CheckpointError(
-                f"Refusing to save step {step}: parameters are not finite. The last good "
-                f"checkpoint ({self.latest_step()}) is kept."
+                f"Training diverged: the parameters of step {step} are not finite (inf or NaN), "
+                f"so they are not saved. {kept}. Lower config.optim.learning_rate or set "
+                "config.optim.grad_clip_norm, then rerun."
             )
         self._check_directory(step)
         if step in self._skipped:
@@ -248,14 +336,20 @@ class Checkpointer:
         none was saved with one."""
         return self.manager.best_step()  # ranked by best_fn / best_mode (see __init__)
 
-    def _quarantine(self, step: int) -> Path | None:
-        """Moves an unusable checkpoint aside so the run can save that step again."""
+    def _quarantine(self, step: int, problem: str = "") -> Path | None:
+        """Moves an unusable checkpoint aside so the run can save that step again.
+
+        `problem` (why it is unusable) is kept beside it in `<dest>.reason`, so that a rerun
+        finding no checkpoint left can say the same thing.
+        """
         if self.read_only or jax.process_index() != 0:
             return None
-        dest = self.directory.parent / f"{self.directory.name}.corrupt" / f"{step}-{time.time_ns()}"
+        dest = self.quarantine / f"{step}-{time.time_ns()}"
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), dest)
+            if problem:
+                dest.with_name(dest.name + ".reason").write_text(problem + "\n")
         except OSError:
             return None
         self.manager.reload()
@@ -276,7 +370,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"No checkpoint for step {step} in {self.directory}; available: {self.steps()}."
             )
-        errors = []
+        errors, skipped = [], []
         for s in candidates:
             step_dir = self.directory / str(s)
             problem = verify_manifest(step_dir)
@@ -284,26 +378,27 @@ class Checkpointer:
             if not corrupt:
                 try:
                     restored = self.manager.restore(s, args=ocp.args.StandardRestore(abstract))
-                    return TrainState(**restored)
                 except Exception as e:  # noqa: BLE001 - any read failure means "not usable"
                     problem = f"it cannot be read ({_describe(e)})"
+                else:
+                    # Warned only now that there is something to fall back to; if nothing is
+                    # usable, the one error below lists every problem instead.
+                    for warning in skipped:
+                        log.warning("%s; falling back to the previous checkpoint.", warning)
+                    return TrainState(**restored)
             msg = f"checkpoint {step_dir} is unusable: {problem}"
             errors.append(msg)
             if step is not None:
-                break
+                raise CheckpointError(f"{msg}.")
             # Proven corrupt: move it aside now. A read failure may also mean a config that no
             # longer matches (--allow-config-change), so it stays until that step is saved again.
-            moved = self._quarantine(s) if corrupt else None
+            moved = self._quarantine(s, msg) if corrupt else None
             if not corrupt:
                 self._skipped.add(s)
-            where = f" (moved to {moved})" if moved else ""
-            log.warning("%s%s; falling back to the previous checkpoint.", msg, where)
+            skipped.append(msg + (f" (moved to {moved})" if moved else ""))
         if not candidates:
             raise CheckpointError(f"No checkpoint in {self.directory}.")
-        raise CheckpointError(
-            f"No usable checkpoint in {self.directory}: {'; '.join(errors)}. Restore a good copy, "
-            "or start afresh with another --workdir."
-        )
+        raise self._no_usable(errors)
 
     def close(self, raise_errors: bool = True) -> None:
         """Waits for pending saves and releases the manager.
@@ -311,11 +406,20 @@ class Checkpointer:
         With `raise_errors=False` (while another error is propagating) a failed save is logged
         rather than raised, so it does not hide the original error.
         """
+        already_reported = self._failure_raised
+        error = None
         try:
             self.wait()
         except CheckpointError as e:
-            if raise_errors:
-                self.manager.close()
-                raise
-            log.error("%s", e)
-        self.manager.close()
+            error = e
+        try:
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001 - Orbax re-raises the failed save here, again
+            if error is None:
+                error = CheckpointError(f"Could not close the checkpoints in {self.directory}: "
+                                        f"{_describe(e)}.")
+        if error is None or already_reported:
+            return
+        if raise_errors:
+            raise error
+        log.error("%s", error)

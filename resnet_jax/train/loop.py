@@ -22,12 +22,14 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import backends
 from resnet_jax.config import ConfigError, load_run_config, resolve_steps_per_call, validate
 from resnet_jax.data import AugmentConfig, Dataset, load_dataset, replicate
+from resnet_jax.rundir.files import WriteError, atomic_write_json
 from resnet_jax.rundir.spec import read_spec, write_spec
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
 from resnet_jax.train.logger import MetricsLogger
 from resnet_jax.train.optim import make_optimizer, make_schedule
 from resnet_jax.train.pretrained import init_from_file
+from resnet_jax.train.signals import EXIT_CODES, StopSignals
 from resnet_jax.train.state import (
     DTYPES,
     TrainState,
@@ -36,6 +38,12 @@ from resnet_jax.train.state import (
     graphdefs,
 )
 from resnet_jax.train.step import StepConfig, make_eval_step, make_multi_step, make_train_step
+from resnet_jax.train.workdir import (
+    last_checkpoint_note,
+    lock_workdir,
+    refuse_lost_progress,
+    restart_workdir,
+)
 
 # Keys a resumed run may change: they affect logging and bookkeeping, not the trajectory.
 RESUMABLE_CHANGES = {
@@ -52,7 +60,24 @@ class DivergenceError(RuntimeError):
 
 
 class Preempted(Exception):  # noqa: N818 - a signal, not an error
-    """SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can be resumed.
+
+    `args` are `(step, signal number)`; `exit_code` is what a shell reports for that signal.
+    """
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        super().__init__(step, signum)
+        self.step, self.signum = step, signum
+
+    @property
+    def exit_code(self) -> int:
+        """130 after Ctrl-C (SIGINT), 143 after SIGTERM."""
+        return EXIT_CODES.get(self.signum, 128 + self.signum)
+
+    def __str__(self) -> str:
+        what = "Interrupted (Ctrl-C)" if self.signum == signal.SIGINT else "Preempted"
+        return (f"{what} at step {self.step}; checkpoint saved. Rerun the same command to "
+                "resume.")
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -116,7 +141,12 @@ def check_resume_compatible(workdir: Path, config: ml_collections.ConfigDict) ->
     if not (workdir / "config.json").exists():
         return
     # Over today's defaults, so a key added since the run was made does not count as a change.
-    old = _flatten(config_to_dict(load_run_config(workdir)))
+    try:
+        saved = load_run_config(workdir)
+    except ConfigError as e:
+        raise ConfigError(f"{e} Or pass --allow-config-change to resume it with this command's "
+                          "config.") from None
+    old = _flatten(config_to_dict(saved))
     new = _flatten(config_to_dict(config))
     diffs = sorted(k for k in set(old) | set(new)
                    if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
@@ -162,34 +192,17 @@ def _mean(records: list[dict]) -> dict:
             for k in stacked[0] if k != "finite"}
 
 
-class _SigtermFlag:
-    def __init__(self):
-        self.raised = False
-        self.previous = None
-
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no preemption handling
-            self.previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
-                       allow_config_change: bool = False, dataset: Dataset | None = None,
+                       allow_config_change: bool = False, restart: bool = False,
+                       dataset: Dataset | None = None,
                        interactive: bool | None = None) -> dict:
     """Trains (or resumes) the run in `workdir` to `config.train.num_steps`; returns final metrics.
 
     The run directory receives `config.json`, `versions.json`, `metrics.jsonl`, `tensorboard/`
-    and `checkpoints/`. Raises ConfigError, DatasetNotFoundError, CheckpointError,
-    DivergenceError with a message for the user; `Preempted` after saving on SIGTERM.
+    and `checkpoints/`, and is locked against a second run while this one lives. `restart`
+    moves an earlier run's files to `workdir/archive/` and starts from step 0. Raises
+    ConfigError, DatasetNotFoundError, CheckpointError, DivergenceError, WorkdirLockedError,
+    WriteError with a message for the user; `Preempted` after saving on SIGTERM or SIGINT.
     """
     workdir = Path(workdir).absolute()
     mesh = make_mesh()
@@ -198,8 +211,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     config = config.copy_and_resolve_references()  # the caller's config stays as it was
     config.train.steps_per_call = resolve_steps_per_call(config.train, jax.default_backend())
     _check_workdir(workdir)
-    if not allow_config_change:
-        check_resume_compatible(workdir, config)
+    with lock_workdir(workdir):
+        if restart:
+            restart_workdir(workdir, print)
+        elif not allow_config_change:
+            check_resume_compatible(workdir, config)
+        return _train(config, workdir, mesh, dataset, interactive)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
+           dataset: Dataset | None, interactive: bool | None) -> dict:
+    """The body of `train_and_evaluate`, run while holding the workdir's lock."""
     t = config.train
     ds = dataset if dataset is not None else load_dataset(config.data)
     schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
@@ -216,16 +238,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             # Restore into an abstract target: a bad checkpoint is reported before any compile.
             state = ckpt.restore(abstract_state(config, ds.spec, tx, replicated))
         else:
+            refuse_lost_progress(workdir, ckpt, t.checkpoint_every)
             state = create_state(config, ds.spec, tx, replicated)
             if t.get("init_from"):
                 state, notes = init_from_file(state, config, ds.spec, mesh)
         start = int(state.step)
         backend, why = backends.select(config.model.backend, dtype=DTYPES[config.model.dtype])
         if jax.process_index() == 0:
-            (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
-            (workdir / "versions.json").write_text(
-                json.dumps({**library_versions(), "backend": backend,
-                            "backend_reason": why}, indent=2))
+            atomic_write_json(workdir / "config.json", config_to_dict(config))
+            atomic_write_json(workdir / "versions.json",
+                              {**library_versions(), "backend": backend, "backend_reason": why})
             # What predict/export/load need of the data, so they work once it is gone.
             write_spec(workdir, ds.spec, ds.stats, config.data.normalization)
         logger = MetricsLogger(workdir, t.num_steps, start, t.batch_size, interactive)
@@ -272,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
         step, pending = start, []
         last_eval: dict = {}
-        with _SigtermFlag() as sigterm:
+        with StopSignals() as stop:
             while step < t.num_steps:
                 fn, k = (run_block, t.steps_per_call) if (
                     t.num_steps - step >= t.steps_per_call) else (run_one, 1)
@@ -289,20 +311,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                     pending = []
                 if step % t.eval_every == 0 or done:
                     last_eval = evaluate(state)
-                if step % t.checkpoint_every == 0 or done or sigterm.raised:
+                if step % t.checkpoint_every == 0 or done or stop.received:
                     check_health(state)
                     evaluated = step % t.eval_every == 0 or done
                     ckpt.save(state, metrics={k: v for k, v in last_eval.items()
                                               if k == "validation_error"} if evaluated else None)
-                if sigterm.raised:
+                if stop.received:
                     ckpt.wait()
-                    logger.message(f"SIGTERM: saved step {step}; rerun the same command to resume.")
-                    raise Preempted(step)
+                    raise Preempted(step, stop.received)
         ckpt.wait()
+        logger.close()  # here, so that a failing final flush still says where to resume from
         return {"step": step, **last_eval, "nonfinite_total": int(state.nonfinite_total)}
+    except WriteError as e:  # metrics or TensorBoard: say where the run can resume from
+        raise WriteError(f"{e} {last_checkpoint_note(ckpt)}") from e
     finally:
         if logger is not None:
-            logger.close()
+            logger.close(raise_errors=sys.exc_info()[0] is None)
         # While another error propagates, a failing pending save is logged, not raised over it.
         ckpt.close(raise_errors=sys.exc_info()[0] is None)
 

@@ -22,7 +22,7 @@ same values to float32 rounding) and says so.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import backends
 from resnet_jax.config import ConfigError, resolve_steps_per_call, validate
 from resnet_jax.data import Dataset, load_dataset, replicate
+from resnet_jax.rundir.files import WriteError, atomic_write_json
 from resnet_jax.rundir.spec import write_spec
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.evaluation import evaluate_split
@@ -47,7 +48,6 @@ from resnet_jax.train.loop import (
     _check_workdir,
     _flatten,
     _mean,
-    _SigtermFlag,
     check_resume_compatible,
     config_to_dict,
     jit_train_block,
@@ -56,8 +56,15 @@ from resnet_jax.train.loop import (
 )
 from resnet_jax.train.optim import make_optimizer, make_schedule
 from resnet_jax.train.pretrained import init_from_file
+from resnet_jax.train.signals import StopSignals
 from resnet_jax.train.state import DTYPES, TrainState, abstract_state, create_state, graphdefs
 from resnet_jax.train.step import make_eval_step
+from resnet_jax.train.workdir import (
+    last_checkpoint_note,
+    lock_workdir,
+    refuse_lost_progress,
+    restart_workdir,
+)
 
 # oneDNN's convolutions are custom calls without a batching (vmap) rule; this is the backend a
 # pack takes instead (XLA's convolutions with the same CPU tuning).
@@ -103,17 +110,19 @@ def _taker(sharding) -> Callable[[TrainState, int], TrainState]:
 
 
 def train_packed(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | Path],
-                 *, allow_config_change: bool = False, dataset: Dataset | None = None,
-                 devices=None, log: Callable[[str], None] | None = None) -> list[dict]:
+                 *, allow_config_change: bool = False, restart: bool = False,
+                 dataset: Dataset | None = None, devices=None,
+                 log: Callable[[str], None] | None = None) -> list[dict]:
     """Trains (or resumes) the runs `configs[i]` -> `workdirs[i]` packed; returns their metrics.
 
     The configs must differ in `train.seed` only. `devices` (default: all) hold the pack: the run
     axis is replicated and each run's batch split over them, as in a single run; but XLA's SPMD
     partitioner gathers the activations of the vmapped convolutions, so a pack is fastest on one
     device. Runs resumed at different steps are packed in groups of equal step, one group after
-    another. Raises ConfigError, CheckpointError,
-    DivergenceError (naming the run) like `train_and_evaluate`; `Preempted` after every run has
-    saved on SIGTERM.
+    another. Each workdir is locked while the pack trains, and `restart` starts every run
+    again from step 0, as `train_and_evaluate` does. Raises ConfigError, CheckpointError,
+    DivergenceError (naming the run), WorkdirLockedError, WriteError like `train_and_evaluate`;
+    `Preempted` after every run has saved on SIGTERM or Ctrl-C.
     """
     if len(configs) != len(workdirs) or not configs:
         raise ConfigError(f"train_packed needs one workdir per config; got {len(configs)} "
@@ -132,10 +141,22 @@ def train_packed(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
     for c in configs:
         c.train.steps_per_call = resolve_steps_per_call(c.train, jax.default_backend())
     _check_packable(configs)
-    for w, c in zip(workdirs, configs, strict=True):
+    for w in workdirs:
         _check_workdir(w)
-        if not allow_config_change:
-            check_resume_compatible(w, c)
+    with contextlib.ExitStack() as locks:
+        for w in workdirs:
+            locks.enter_context(lock_workdir(w))
+        for w, c in zip(workdirs, configs, strict=True):
+            if restart:
+                restart_workdir(w, log)
+            elif not allow_config_change:
+                check_resume_compatible(w, c)
+        return _train_packed(configs, workdirs, asked, dataset, mesh, log)
+
+
+def _train_packed(configs: list[ml_collections.ConfigDict], workdirs: list[Path], asked: str,
+                  dataset: Dataset | None, mesh, log: Callable[[str], None]) -> list[dict]:
+    """The body of `train_packed`, run while holding every workdir's lock."""
     config = configs[0]
     t = config.train
     ds = dataset if dataset is not None else load_dataset(config.data)
@@ -161,6 +182,7 @@ def train_packed(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
             if ckpt.latest_step() is not None:
                 state = ckpt.restore(abstract_state(c, ds.spec, tx, replicated))
             else:
+                refuse_lost_progress(ckpt.directory.parent, ckpt, c.train.checkpoint_every)
                 state = create_state(c, ds.spec, tx, replicated)
                 if c.train.get("init_from"):
                     state, run_notes = init_from_file(state, c, ds.spec, mesh)
@@ -170,9 +192,9 @@ def train_packed(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
         if jax.process_index() == 0:
             versions = {**library_versions(), "backend": backend, "backend_reason": why}
             for w, c in zip(workdirs, configs, strict=True):
-                (w / "config.json").write_text(json.dumps(config_to_dict(c), indent=2))
-                (w / "versions.json").write_text(json.dumps(
-                    {**versions, "packed_with": [n for n in names if n != w.name]}, indent=2))
+                atomic_write_json(w / "config.json", config_to_dict(c))
+                atomic_write_json(w / "versions.json",
+                                  {**versions, "packed_with": [n for n in names if n != w.name]})
                 write_spec(w, ds.spec, ds.stats, c.data.normalization)
         # A progress bar per run would fight over the terminal: plain lines, labelled by run.
         loggers = [MetricsLogger(w, t.num_steps, s, t.batch_size, interactive=False,
@@ -193,10 +215,18 @@ def train_packed(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
             idx = [i for i, s in enumerate(starts) if s == start]
             for i, r in zip(idx, runner.train([states[i] for i in idx], idx, start), strict=True):
                 results[i] = r
+        for lg in loggers:
+            lg.close()  # here, so that a failing final flush still says where to resume from
         return results
+    except WriteError as e:  # metrics or TensorBoard of one run: say where it can resume from
+        run = next((i for i, w in enumerate(workdirs) if str(e).startswith(
+            f"Could not write {w}/")), None)
+        if run is None:
+            raise
+        raise WriteError(f"{e} {last_checkpoint_note(ckpts[run])}") from e
     finally:
         for lg in loggers:
-            lg.close()
+            lg.close(raise_errors=sys.exc_info()[0] is None)
         # While another error propagates, a failing pending save is logged, not raised over it.
         for ckpt in ckpts:
             ckpt.close(raise_errors=sys.exc_info()[0] is None)
@@ -261,7 +291,7 @@ class _PackedRunner:
         packed = self.stack(states)
         step, pending = start, []
         last_eval: list[dict] = [{} for _ in runs]
-        with _SigtermFlag() as sigterm:
+        with StopSignals() as stop:
             while step < t.num_steps:
                 fn, k = (self.run_block, t.steps_per_call) if (
                     t.num_steps - step >= t.steps_per_call) else (self.run_one, 1)
@@ -281,7 +311,7 @@ class _PackedRunner:
                         self.loggers[run].write(step, "train", record)
                     pending = []
                 evaluated = step % t.eval_every == 0 or done
-                checkpoint = step % t.checkpoint_every == 0 or done or sigterm.raised
+                checkpoint = step % t.checkpoint_every == 0 or done or stop.received
                 if evaluated or checkpoint:
                     # Let the train block finish first: on CPU, two different programs with
                     # collectives in flight at once can starve XLA's in-process rendezvous.
@@ -295,12 +325,10 @@ class _PackedRunner:
                         best = {k: v for k, v in last_eval[j].items() if k == "validation_error"}
                         self.ckpts[run].save(self.take(packed, j),
                                              metrics=best if evaluated else None)
-                if sigterm.raised:
+                if stop.received:
                     for run in runs:
                         self.ckpts[run].wait()
-                        self.loggers[run].message(
-                            f"SIGTERM: saved step {step}; rerun the same command to resume.")
-                    raise Preempted(step)
+                    raise Preempted(step, stop.received)
         for run in runs:
             self.ckpts[run].wait()
         totals = np.asarray(jax.device_get(packed.nonfinite_total))
