@@ -52,7 +52,8 @@ def test_grid_runs_every_cell(grid):
 
 
 def test_report_table_csv_and_figures(grid):
-    from resnet_jax.ablation.report import read_metrics, write_report
+    from resnet_jax.ablation.report import write_report
+    from resnet_jax.rundir.metrics import metrics_by_split
 
     root, _ = grid
     paths = write_report(root, max_examples=200)
@@ -64,7 +65,7 @@ def test_report_table_csv_and_figures(grid):
     assert [(r["kind"], int(r["depth"])) for r in rows] == [
         ("plain", 8), ("plain", 14), ("residual", 8), ("residual", 14)]
     for r in rows:
-        metrics = read_metrics(root / f"{r['kind']}{r['depth']}_seed0" / "metrics.jsonl")
+        metrics = metrics_by_split(root / f"{r['kind']}{r['depth']}_seed0")
         assert float(r["test_error_mean"]) == pytest.approx(metrics["test"][4]["error"], abs=1e-3)
         assert float(r["test_error_best"]) == pytest.approx(metrics["test"][4]["error"], abs=1e-3)
         assert float(r["train_error_mean"]) == pytest.approx(metrics["train"][4]["error"],

@@ -47,6 +47,21 @@ def _run_of_depth_8(tmp: Path) -> dict:
     return {"workdir": workdir}
 
 
+def _config_file(body: str):
+    def setup(tmp: Path) -> dict:
+        (tmp / "my_config.py").write_text(body)
+        return {"config_file": tmp / "my_config.py"}
+
+    return setup
+
+
+def _run_with_cut_config(tmp: Path) -> dict:
+    workdir = tmp / "cut_run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"model": {"depth"')  # killed mid-write (old version)
+    return {"workdir": workdir}
+
+
 # (id, command-line arguments after `train --workdir W`, substrings the message must contain,
 #  optional setup(tmp_path) -> {"workdir": ..., "data_dir": ...})
 CASES = [
@@ -108,6 +123,22 @@ CASES = [
      ["config.data.normalization='zscore'", "per_channel"], None),
     ("negative validation size", ["--config.data.validation_size=-5"],
      ["config.data.validation_size=-5", ">= 0"], None),
+    ("learning rate beyond float32", ["--config.optim.learning_rate=1e308"],
+     ["config.optim.learning_rate=1e+308", "largest float32"], None),
+    ("config file that raises", ["--config={config_file}"],
+     ["--config {config_file}: importing it raised ZeroDivisionError"],
+     _config_file("x = 1 / 0\n")),
+    ("config file returning a dict", ["--config={config_file}"],
+     ["--config {config_file}: get_config() returned a dict", "ConfigDict"],
+     _config_file("def get_config():\n    return {'model': {}}\n")),
+    ("get_config that raises", ["--config={config_file}"],
+     ["--config {config_file}: get_config() raised KeyError"],
+     _config_file("def get_config():\n    return {}['model']\n")),
+    ("config file without get_config", ["--config={config_file}"],
+     ["--config {config_file} has no get_config() function"], _config_file("X = 1\n")),
+    ("run with a cut config.json", [],
+     ["{workdir}/config.json is not a valid JSON run config", "--allow-config-change"],
+     _run_with_cut_config),
 ]
 
 
@@ -117,7 +148,7 @@ def _fill(text: str, values: dict) -> str:
 
 @pytest.mark.parametrize("args,expected,setup", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_value_gives_one_paragraph(tmp_path, capsys, args, expected, setup):
-    values = {"workdir": tmp_path / "run", "data_dir": ""}
+    values = {"workdir": tmp_path / "run", "data_dir": "", "config_file": ""}
     if setup is not None:
         values.update(setup(tmp_path))
     argv = ["train", "--workdir", str(values["workdir"]), *(_fill(a, values) for a in args)]
@@ -134,6 +165,34 @@ def test_bad_value_gives_one_paragraph(tmp_path, capsys, args, expected, setup):
 
 def test_case_table_is_large_enough():
     assert len(CASES) >= 20
+
+
+ARGUMENT_CASES = [
+    (["ablate", "--workdir", "{tmp}", "--depths", ","], "argument --depths: ',' is an empty list"),
+    (["ablate", "--workdir", "{tmp}", "--kinds", ""], "argument --kinds: '' is an empty list"),
+    (["ablate", "--workdir", "{tmp}", "--seeds", "0,-1"], "argument --seeds: -1 is not valid"),
+    (["ablate", "--workdir", "{tmp}", "--depths", "20,x"],
+     "argument --depths: '20,x' is not a comma-separated list"),
+    (["predict", "--model", "m", "--batch-size", "0", "x.png"],
+     "argument --batch-size: must be at least 1, got 0"),
+    (["predict", "--model", "m", "--batch-size", "-5", "x.png"],
+     "argument --batch-size: must be at least 1, got -5"),
+    (["predict", "--model", "m", "--top-k", "0", "x.png"],
+     "argument --top-k: must be at least 1, got 0"),
+    (["evaluate", "--workdir", "{tmp}", "--step", "-1"], "argument --step: must be at least 0"),
+    (["report", "{tmp}", "--max-examples", "0"], "argument --max-examples: must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", ARGUMENT_CASES, ids=[" ".join(c[0][:1] + c[0][-2:])
+                                                               for c in ARGUMENT_CASES])
+def test_bad_option_value_is_refused_before_anything_runs(tmp_path, capsys, argv, expected):
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expected in err, err
+    assert err.strip().splitlines()[-1].startswith("resnet-jax ")  # argparse's `prog: error:`
+    assert list(tmp_path.iterdir()) == []  # nothing was created
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -247,3 +247,90 @@ def test_missing_run_or_checkpoint_is_a_clear_error(tiny_run, tmp_path, capsys):
         assert str(empty) in err and "checkpoint" in err.lower() and "Traceback" not in err
     with pytest.raises(FileNotFoundError, match="nowhere"):
         resnet_jax.load(tmp_path / "nowhere")
+
+
+# --- files that are not what they should be ------------------------------------------------------
+
+
+def test_export_to_a_directory_or_an_unwritable_place_leaves_nothing(tiny_run, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    for out, why in [(tmp_path, "it is a directory"),
+                     (tmp_path / "a_file" / "m.safetensors", f"{tmp_path / 'a_file'} is a file")]:
+        before = sorted(tmp_path.rglob("*"))
+        assert main(["export", "--workdir", str(tiny_run[0]), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: Could not write {out}: ") and why in err, err
+        assert len(err.strip().splitlines()) == 1 and sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_cut_config_json_is_named_by_every_reader(tiny_run, tmp_path, capsys):
+    grid = tmp_path / "grid"
+    good, cut = grid / "residual8_seed0", grid / "residual8_seed1"
+    shutil.copytree(tiny_run[0], good, ignore=shutil.ignore_patterns("checkpoints*", "eval"))
+    shutil.copytree(good, cut)
+    (cut / "config.json").write_text('{"model": {"fam')  # killed mid-write by an old version
+    with open(good / "metrics.jsonl", "a") as f:
+        f.write('{"step": 25, "split": "tr')  # and a metrics line cut short
+    with pytest.raises(ValueError, match=f"{cut / 'config.json'} is not a valid JSON run config"):
+        resnet_jax.load(cut)
+    assert main(["evaluate", "--workdir", str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cut / 'config.json'} is not a valid JSON") and len(
+        err.strip().splitlines()) == 1
+    assert main(["report", str(grid), "--no-analysis"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"note: left out {cut}: {cut / 'config.json'} is not a valid")
+    table = (grid / "report" / "table6.csv").read_text().splitlines()
+    assert len(table) == 2 and ",1,1," in table[1]  # one run, finished; the cut line ignored
+
+
+PNG_SIDE = 13_000
+
+
+def _write_big_png(path, side: int = PNG_SIDE) -> None:
+    """An RGB PNG of side x side pixels, written row by row (a few MB on disk)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    row = b"\x00" + bytes(range(256)) * (3 * side // 256) + bytes(3 * side % 256)
+    z = zlib.compressobj(1)
+    idat = b"".join([z.compress(row) for _ in range(side)] + [z.flush()])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side,
+                                                                        8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_predict_on_13000_px_images_bounds_memory(clf, tmp_path):
+    """Four 13,000 px RGB PNGs (507 MB each decoded): `predict` decodes one full-size image at a
+    time and returns its memory, so its peak grows by about one image, not four; Pillow's
+    DecompressionBombWarning is not printed."""
+    import subprocess
+    import sys
+
+    model = clf.export(tmp_path / "model.safetensors")
+    folder = tmp_path / "big"
+    folder.mkdir()
+    _write_big_png(folder / "a.png")
+    for name in "bcd":
+        shutil.copy(folder / "a.png", folder / f"{name}.png")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "small.png")
+    code = ("import resource, sys\n"
+            "from resnet_jax.cli import main\n"
+            "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+            "assert main(['predict', '--model', sys.argv[1], sys.argv[2]]) == 0\n"
+            "before = peak()\n"
+            "assert main(['predict', '--model', sys.argv[1], sys.argv[3]]) == 0\n"
+            "print('PEAK', before, peak())\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(model), str(tmp_path / "small.png"),
+                           str(folder)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no DecompressionBombWarning or any other library output
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[1:5]] == [str(folder / f"{n}.png") for n in "abcd"]
+    before, after = map(int, lines[-1].split()[1:])
+    one_image = PNG_SIDE * PNG_SIDE * 3
+    assert after - before < 1.5 * one_image, (before / 2**20, after / 2**20)

@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers") from None
-
-
-def _words(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+from resnet_jax.arguments import int_at_least, int_list, word_list
 
 
 def register(subparsers) -> None:
@@ -32,11 +22,11 @@ def register(subparsers) -> None:
                    " "
                    "any other preset (e.g. 'mini') gets model.family/depth/train.seed per run")
     p.add_argument("--workdir", required=True, help="grid root directory")
-    p.add_argument("--depths", type=_ints, default=list(DEFAULT_DEPTHS),
+    p.add_argument("--depths", type=int_list(1), default=list(DEFAULT_DEPTHS),
                    help="comma-separated depths, 6n+2 (default 20,32,44,56,110)")
-    p.add_argument("--kinds", type=_words, default=["plain", "residual"],
+    p.add_argument("--kinds", type=word_list, default=["plain", "residual"],
                    help="comma-separated: plain,residual")
-    p.add_argument("--seeds", type=_ints, default=list(DEFAULT_SEEDS),
+    p.add_argument("--seeds", type=int_list(0), default=list(DEFAULT_SEEDS),
                    help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--parallel", choices=PARALLEL, default="data-parallel",
                    help="data-parallel: runs in sequence, each over all devices; per-device: one "
@@ -46,6 +36,11 @@ def register(subparsers) -> None:
                    "its own run directory (default: on a single GPU/TPU; not on CPU, where it "
                    "measured slower, nor on several devices); --no-pack trains them one by one")
     p.add_argument("--report", action="store_true", help="write the report when the grid is done")
+    p.add_argument("--restart", action="store_true",
+                   help="start unfinished runs again from step 0 (their old files are moved to "
+                   "RUN/archive/), e.g. runs with no usable checkpoint")
+    # Set by `--parallel per-device` for its child processes: the parent holds the grid's lock.
+    p.add_argument("--grid-lock-held", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_run_ablate)
 
     r = subparsers.add_parser(
@@ -56,7 +51,7 @@ def register(subparsers) -> None:
     r.add_argument("--out", default=None, help="output directory (default ROOT/report)")
     r.add_argument("--no-analysis", action="store_true",
                    help="skip Figure 7 and the gradient norms (they restore checkpoints)")
-    r.add_argument("--max-examples", type=int, default=None,
+    r.add_argument("--max-examples", type=int_at_least(1), default=None,
                    help="test images for Figure 7 (default: the whole test set)")
     r.set_defaults(func=_run_report)
 
@@ -68,11 +63,11 @@ def _run_ablate(args, overrides: list[str]) -> int:
     maybe_initialize_distributed()
     try:
         result = run_grid(args.config, args.workdir, args.depths, args.kinds, args.seeds,
-                          overrides, parallel=args.parallel, pack=args.pack)
+                          overrides, parallel=args.parallel, pack=args.pack,
+                          restart=args.restart, lock=not args.grid_lock_held)
     except Preempted as e:
-        print(f"Preempted at step {e.args[0]}; rerun the same command to resume the grid.",
-              file=sys.stderr)
-        return 143
+        print(f"{e} (the grid resumes with it)", file=sys.stderr)
+        return e.exit_code
     print(f"Grid done: ran {len(result['ran'])}, skipped {len(result['skipped'])} finished. "
           f"Report: resnet-jax report {args.workdir}")
     if args.report:

@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only: no display on training nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from resnet_jax.rundir.files import atomic_write  # noqa: E402
+
 KIND_TITLES = {"plain": "plain networks", "residual": "ResNets"}
 
 
@@ -99,8 +101,10 @@ def gradient_norm_figure(grads: dict[tuple[str, int], dict], path: str | Path) -
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        # The temporary name has no image suffix, so the format is given explicitly.
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110,
+                                                          format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)

@@ -20,6 +20,7 @@ slower (see `resolve_pack` and README, "Seeds packed on one accelerator").
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 import ml_collections
 
 from resnet_jax.config import ConfigError, apply_overrides, available_presets, get_preset, validate
+from resnet_jax.rundir.lock import WorkdirLock
 
 KINDS = {"plain": "cifar_plain", "residual": "cifar_resnet"}
 FAMILY_KIND = {v: k for k, v in KINDS.items()}
@@ -139,21 +141,35 @@ def _data_key(config: ml_collections.ConfigDict) -> str:
 def run_grid(preset: str, root: str | Path, depths: Sequence[int] = DEFAULT_DEPTHS,
              kinds: Sequence[str] = tuple(KINDS), seeds: Sequence[int] = DEFAULT_SEEDS,
              overrides: Sequence[str] = (), *, parallel: str = "data-parallel",
-             pack: bool | None = None, dataset=None, interactive: bool | None = None,
+             pack: bool | None = None, restart: bool = False, lock: bool = True,
+             dataset=None, interactive: bool | None = None,
              log: Callable[[str], None] = print) -> dict:
     """Trains every unfinished run of the grid; returns {"ran": [names], "skipped": [names]}.
 
     `pack`: train the unfinished seeds of each (kind, depth) packed in one program (None: on
     GPU/TPU, not on CPU; see `resolve_pack`). `dataset` (optional) is used for every run whose
-    data config it was loaded with; otherwise each distinct data config is loaded once. Raises
-    `resnet_jax.train.Preempted` on SIGTERM (the interrupted run has saved a checkpoint; rerun to
-    resume).
+    data config it was loaded with; otherwise each distinct data config is loaded once.
+    `restart` starts unfinished runs again from step 0. The grid root is locked against a second
+    `ablate` (`lock=False`: the caller holds it). Raises `resnet_jax.train.Preempted` on SIGTERM
+    or SIGINT (the interrupted run has saved a checkpoint; rerun to resume).
     """
     if parallel not in PARALLEL:
         raise ConfigError(f"--parallel {parallel!r} is not valid; choose one of {PARALLEL}.")
+    if not (depths and kinds and seeds):
+        raise ConfigError(f"The grid is empty (depths {list(depths)}, kinds {list(kinds)}, seeds "
+                          f"{list(seeds)}); give at least one of each.")
     root = Path(root).absolute()
     specs = grid_specs(depths, kinds, seeds)
     configs = {s: run_config(preset, s, overrides) for s in specs}  # fail fast on a bad override
+    with WorkdirLock(root, what="ablate") if lock else contextlib.nullcontext():
+        return _run_specs(preset, root, specs, configs, overrides, parallel, pack, restart,
+                          dataset, interactive, log)
+
+
+def _run_specs(preset: str, root: Path, specs: list[RunSpec], configs: dict, overrides,
+               parallel: str, pack: bool | None, restart: bool, dataset,
+               interactive: bool | None, log: Callable[[str], None]) -> dict:
+    """`run_grid` after validation, while holding the grid's lock."""
     todo = [s for s in specs if not is_finished(root / s.name, configs[s])]
     skipped = [s.name for s in specs if s not in todo]
     if skipped:
@@ -161,7 +177,7 @@ def run_grid(preset: str, root: str | Path, depths: Sequence[int] = DEFAULT_DEPT
     if parallel == "per-device":
         gpus = _gpu_count()
         if gpus > 1:
-            _run_per_device(preset, root, todo, overrides, gpus, log)
+            _run_per_device(preset, root, todo, overrides, gpus, log, restart)
             return {"ran": [s.name for s in todo], "skipped": skipped}
         log("per-device: fewer than 2 GPUs here, so the runs go in sequence in this process.")
     import jax
@@ -191,10 +207,10 @@ def run_grid(preset: str, root: str | Path, depths: Sequence[int] = DEFAULT_DEPT
         start = time.time()
         if len(group) > 1:
             train_packed([configs[s] for s in group], [root / s.name for s in group],
-                         dataset=datasets[key], devices=pack_devices, log=log)
+                         dataset=datasets[key], devices=pack_devices, log=log, restart=restart)
         else:
             train_and_evaluate(config, root / group[0].name, dataset=datasets[key],
-                               interactive=interactive)
+                               interactive=interactive, restart=restart)
         log(f"[{i + 1}/{len(groups)}] {names} done in {time.time() - start:.0f} s")
         ran += [s.name for s in group]
     return {"ran": ran, "skipped": skipped}
@@ -213,7 +229,7 @@ def _gpu_count() -> int:
 
 
 def _run_per_device(preset: str, root: Path, todo: list[RunSpec], overrides: Sequence[str],
-                    num_gpus: int, log: Callable[[str], None]) -> None:
+                    num_gpus: int, log: Callable[[str], None], restart: bool = False) -> None:
     """Runs each spec in its own subprocess pinned to one free GPU, `num_gpus` at a time."""
     pending, running, failed = list(todo), {}, []
     while pending or running:
@@ -224,7 +240,8 @@ def _run_per_device(preset: str, root: Path, todo: list[RunSpec], overrides: Seq
             workdir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "resnet_jax.cli", "ablate", "--config", preset,
                    "--workdir", str(root), "--depths", str(spec.depth), "--kinds", spec.kind,
-                   "--seeds", str(spec.seed), "--parallel", "data-parallel", *overrides]
+                   "--seeds", str(spec.seed), "--parallel", "data-parallel", "--grid-lock-held",
+                   *(["--restart"] if restart else []), *overrides]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
             logfile = open(workdir / "ablate.log", "a")  # noqa: SIM115 - closed when it ends
             log(f"GPU {gpu}: {spec.name} (log: {workdir / 'ablate.log'})")

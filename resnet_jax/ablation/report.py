@@ -17,12 +17,15 @@ import csv
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from resnet_jax.ablation import paper
 from resnet_jax.ablation.grid import FAMILY_KIND, KINDS
+from resnet_jax.rundir.files import atomic_write, atomic_write_text, read_json
+from resnet_jax.rundir.metrics import metrics_by_split
 
 ANALYSIS_VERSION = 1
 TAIL = 0.2  # the fraction of training that `train_error_tail` averages over
@@ -57,29 +60,27 @@ class RunResult:
         return self.last_step >= self.num_steps
 
 
-def read_metrics(path: Path) -> dict[str, dict[int, dict]]:
-    """metrics.jsonl as {split: {step: record}}; a step logged twice (a resume) keeps the last."""
-    out: dict[str, dict[int, dict]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                out.setdefault(r["split"], {})[int(r["step"])] = r
-    return out
+def collect_runs(root: str | Path, unreadable: list[str] | None = None) -> list[RunResult]:
+    """Every plain/residual run directory directly under `root`, sorted by kind, depth, seed.
 
-
-def collect_runs(root: str | Path) -> list[RunResult]:
-    """Every plain/residual run directory directly under `root`, sorted by kind, depth, seed."""
+    A run whose config.json or metrics.jsonl cannot be read (e.g. cut short by a kill in an
+    older version) is left out; why is appended to `unreadable` if given.
+    """
     runs = []
     for d in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
         cfg_path = d / "config.json"
         if not cfg_path.is_file():
             continue
-        cfg = json.loads(cfg_path.read_text())
-        kind = FAMILY_KIND.get(cfg["model"]["family"])
+        try:
+            cfg = read_json(cfg_path, "run config")
+            kind = FAMILY_KIND.get(cfg["model"]["family"])
+            m = metrics_by_split(d)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            if unreadable is not None:
+                unreadable.append(f"{d}: {e}")
+            continue
         if kind is None:
             continue
-        m = read_metrics(d / "metrics.jsonl")
         curves = {s: ([k for k in sorted(v)], [v[k]["error"] for k in sorted(v)])
                   for s, v in m.items()}
         test, train = m.get("test", {}), m.get("train", {})
@@ -215,13 +216,16 @@ def degradation_summary(rows: list[dict]) -> list[str]:
 
 def write_csv(rows: list[dict], path: Path) -> Path:
     """Table 6 as CSV with full-precision numbers (empty where unknown)."""
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, ""))
-                        for k in CSV_FIELDS})
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, ""))
+                            for k in CSV_FIELDS})
+
+    return atomic_write(path, write)
 
 
 def run_analysis(run: RunResult, max_examples: int | None = None) -> dict:
@@ -235,12 +239,15 @@ def run_analysis(run: RunResult, max_examples: int | None = None) -> dict:
     key = {"version": ANALYSIS_VERSION, "checkpoints": ckpts, "max_examples": max_examples}
     cache = run.workdir / "analysis.json"
     if cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
+        try:
+            cached = read_json(cache, "analysis cache")
+        except ValueError:
+            cached = {}  # damaged: computed again below
+        if isinstance(cached, dict) and cached.get("key") == key:
             return cached
     result = {"key": key, "latest": finished_step(run.workdir),
               **analyse_run(run.workdir, max_examples)}
-    cache.write_text(json.dumps(result))
+    atomic_write_text(cache, json.dumps(result))
     return result
 
 
@@ -268,8 +275,10 @@ def write_report(root: str | Path, out: str | Path | None = None, *, analysis: b
 
     root = Path(root)
     out = Path(out) if out is not None else root / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    runs = collect_runs(root)
+    unreadable: list[str] = []
+    runs = collect_runs(root, unreadable)
+    for problem in unreadable:
+        print(f"note: left out {problem}", file=sys.stderr)
     if not runs:
         raise FileNotFoundError(f"{root} holds no plain/residual run directories; run "
                                 f"`resnet-jax ablate --workdir {root}` first.")
@@ -295,5 +304,5 @@ def write_report(root: str | Path, out: str | Path | None = None, *, analysis: b
                         f"layers" for (k, d), a in sorted(analyses.items())) + "\n"
         md += "\n## Gradient norms at the last checkpoint\n\n" + "\n".join(
             gradient_lines(analyses)) + "\n"
-    (out / "table6.md").write_text(md)
+    atomic_write_text(out / "table6.md", md)
     return [out / "table6.md", *paths]

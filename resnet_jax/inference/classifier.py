@@ -23,7 +23,15 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from resnet_jax.data import DataSpec, NormStats, normalize, replicate, shard_batch
-from resnet_jax.inference.images import ImageInput, ImageLoadError, load_image
+from resnet_jax.inference.images import (
+    DEFAULT_DECODE_BUDGET,
+    DecodeBudget,
+    ImageInput,
+    ImageLoadError,
+    decode,
+    load_image,
+    open_lazy,
+)
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -161,8 +169,10 @@ class Classifier:
         """float32 [N, classes] class probabilities (softmax of the logits)."""
         return self._run(self.preprocess(images))[1]
 
-    def _load_one(self, source: ImageInput) -> np.ndarray | str:
+    def _load_one(self, source: ImageInput, budget: DecodeBudget) -> np.ndarray | str:
         try:
+            if isinstance(source, (str, Path)):
+                return decode(open_lazy(source), self.image_shape, self.background, budget)
             return load_image(source, self.image_shape, self.background)
         except (ImageLoadError, ValueError) as e:
             return str(e) if isinstance(e, ImageLoadError) else f"{_name(source)}: {e}"
@@ -180,19 +190,24 @@ class Classifier:
             yield Prediction(_name(src), tuple((self.class_names[i], float(p[i])) for i in order))
 
     def iter_predict(self, inputs: Iterable[ImageInput], top_k: int = 5,
-                     workers: int | None = None) -> Iterator[Prediction]:
+                     workers: int | None = None,
+                     decode_budget: int = DEFAULT_DECODE_BUDGET) -> Iterator[Prediction]:
         """Streams a `Prediction` per input, in order; bad files yield one with `.error` set.
 
         Files are decoded by a thread pool (Pillow releases the GIL) while the previous batch
         runs on the devices, so a large folder is limited by decoding or the device, not both.
+        At most `decode_budget` bytes of full-size pixels are decoded at once (a larger image
+        alone), and each image is shrunk as it is decoded, so memory stays bounded however
+        large or many the files are.
         """
         top_k = max(1, min(int(top_k), self.num_classes))
         inputs = list(inputs)
+        budget = DecodeBudget(decode_budget)
         pending = None
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for i in range(0, len(inputs), self.batch_size):
                 chunk = inputs[i:i + self.batch_size]
-                loaded = list(pool.map(self._load_one, chunk))
+                loaded = list(pool.map(lambda x: self._load_one(x, budget), chunk))
                 good = [x for x in loaded if not isinstance(x, str)]
                 out = self._dispatch(np.stack(good)) if good else None
                 if pending is not None:

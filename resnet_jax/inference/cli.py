@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from resnet_jax.arguments import int_at_least
+
 
 def _quiet_orbax() -> None:
     # Orbax warns on every read-only restore ("directory is read only"); not news to a user.
@@ -15,7 +17,7 @@ def _quiet_orbax() -> None:
 
 def _add_checkpoint_choice(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    g.add_argument("--step", type=int_at_least(0), help="checkpoint step (default: the newest)")
     g.add_argument("--best", action="store_true",
                    help="the checkpoint with the lowest validation error")
 
@@ -40,8 +42,9 @@ def register(sub) -> None:
     src.add_argument("--workdir", help="run directory")
     src.add_argument("--model", help="a model file written by `resnet-jax export`")
     _add_checkpoint_choice(p)
-    p.add_argument("--top-k", type=int, default=5, help="classes to print per image")
-    p.add_argument("--batch-size", type=int, default=256, help="images per device batch")
+    p.add_argument("--top-k", type=int_at_least(1), default=5, help="classes to print per image")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256,
+                   help="images per batch (rounded up to a multiple of the device count)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.set_defaults(func=run_predict)
@@ -62,6 +65,7 @@ def run_evaluate(args, overrides: list[str]) -> int:
 
     _no_overrides("evaluate", overrides)
     _quiet_orbax()
+    _note_live_run(args.workdir)
     s = evaluate_run(args.workdir, step=args.step, best=args.best, split=args.split,
                      out_dir=args.out)
     print(f"{s['run']} step {s['step']}, {s['split']} split of {s['dataset']} "
@@ -89,8 +93,6 @@ def run_predict(args, overrides: list[str]) -> int:
     from resnet_jax.inference.images import expand_paths
 
     _no_overrides("predict", overrides)
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     _quiet_orbax()
     files, skipped = expand_paths(args.images)
     if not files:
@@ -131,6 +133,16 @@ def run_export(args, overrides: list[str]) -> int:
           f"{clf.model_config.depth}, {clf.num_classes} classes) to {path} "
           f"({path.stat().st_size / 1e6:.2f} MB)")
     return 0
+
+
+def _note_live_run(workdir: str) -> None:
+    """Says so when a run is being trained: its checkpoints are read as they stand now."""
+    from resnet_jax.rundir.lock import describe_holder, holder
+
+    info = holder(workdir)
+    if info is not None:
+        print(f"note: {workdir} is being trained now ({describe_holder(info)}); using its "
+              "checkpoints as they stand.", file=sys.stderr)
 
 
 def _no_overrides(command: str, overrides: list[str]) -> None:

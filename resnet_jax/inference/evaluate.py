@@ -6,11 +6,13 @@ those `metrics.jsonl` logged for the same step and split.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from resnet_jax.rundir.files import atomic_write, atomic_write_json
+from resnet_jax.rundir.metrics import find_record
 
 SPLITS = ("test", "validation")
 
@@ -23,19 +25,8 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def logged_metrics(workdir: str | Path, step: int, split: str) -> dict | None:
-    """The last record metrics.jsonl holds for `step` and `split`, or None."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return None
-    found = None
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill mid-write
-        if rec.get("step") == step and rec.get("split") == split:
-            found = rec  # a resumed run may log a step twice; the last one is current
-    return found
+    """The record metrics.jsonl holds for `step` and `split` (the last one logged), or None."""
+    return find_record(workdir, step, split)
 
 
 def plot_confusion(cm: np.ndarray, class_names: tuple[str, ...], title: str,
@@ -67,9 +58,10 @@ def plot_confusion(cm: np.ndarray, class_names: tuple[str, ...], title: str,
     ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = False,
@@ -104,7 +96,6 @@ def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = Fals
                   "accuracy": 100.0 * float(cm[i, i]) / counts[i] if counts[i] else None}
                  for i in range(len(names))]
     out = Path(out_dir) if out_dir is not None else workdir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{split}_step{step}"
     png = plot_confusion(cm, names, f"{spec.name} {split}, step {step}: "
                          f"top-1 error {r['error']:.2f}%", out / f"{stem}_confusion.png")
@@ -123,5 +114,5 @@ def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = Fals
         "logged": logged_metrics(workdir, step, split),
         "files": {"json": str(out / f"{stem}.json"), "confusion_png": str(png)},
     }
-    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / f"{stem}.json", summary, indent=1)
     return summary

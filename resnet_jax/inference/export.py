@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from resnet_jax.data import DataSpec, NormStats
+from resnet_jax.rundir.files import atomic_write
 
 if TYPE_CHECKING:
     from resnet_jax.inference.classifier import Classifier
@@ -49,7 +50,10 @@ def flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
 
 
 def save_export(classifier: Classifier, path: str | Path) -> Path:
-    """Writes `classifier`'s weights, BN statistics, normalisation and metadata to `path`."""
+    """Writes `classifier`'s weights, BN statistics, normalisation and metadata to `path`.
+
+    Raises WriteError naming `path` if it cannot be written.
+    """
     path = Path(path)
     params, batch_stats = classifier.params()
     stats = classifier.stats
@@ -68,11 +72,10 @@ def save_export(classifier: Classifier, path: str | Path) -> Path:
         "step": classifier.step,
         "source": classifier.source,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta), "format": "np"})
-    tmp.replace(path)  # atomic: a crash never leaves a half-written model under the real name
-    return path
+    # Atomic: a crash never leaves a half-written model under the real name, and a failure
+    # (no permission, a directory in the way, a full disk) leaves no temporary file behind.
+    return atomic_write(path, lambda tmp: save_file(
+        tensors, str(tmp), metadata={META_KEY: json.dumps(meta), "format": "np"}))
 
 
 def read_export(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:

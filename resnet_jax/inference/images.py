@@ -3,11 +3,21 @@
 The conversion mirrors what the model saw in training: uint8 pixels, H x W x C with C = 1
 (grayscale, e.g. Fashion-MNIST) or 3 (RGB, e.g. CIFAR). Normalisation (mean image / channel
 statistics) is applied later, on the device, with the run's own statistics.
+
+Large files are shrunk while they are decoded, so a 13,000 px photo never exists at full size
+more than once: JPEGs decode directly at 1/2, 1/4 or 1/8 scale (Pillow's `draft`), and any image
+at least `REDUCE_GAP` times the training size is box-reduced by an integer factor (`reduce`)
+before the conversions and the final bilinear resize. `DecodeBudget` bounds how many full-size
+pixels several threads decode at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import ctypes
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +29,33 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 ImageInput = str | Path | Image.Image | np.ndarray
+# Reduce by an integer factor only down to this multiple of the training size; the bilinear
+# resize (antialiased in Pillow) does the rest, so small inputs are converted exactly as before.
+REDUCE_GAP = 4
+# Modes `Image.reduce` cannot handle, and the mode to convert them to first.
+_REDUCIBLE_AS = {"1": "L", "P": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I", "I;16N": "I"}
+# Bytes per pixel of a decoded image by mode (others: one byte per band).
+_WIDE_MODES = {"I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+DEFAULT_DECODE_BUDGET = 512 << 20  # full-size decoded bytes in flight across decoding threads
+_OPEN_LOCK = threading.Lock()
+# After freeing a decode this large, hand the memory back to the OS (see _return_memory_to_os).
+_TRIM_BYTES = 64 << 20
+
+
+def _return_memory_to_os() -> None:
+    """glibc keeps freed memory in the freeing thread's arena; each decoding thread would keep
+    the largest image it decoded. `malloc_trim` returns it (no-op on other C libraries)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class ImageLoadError(ValueError):
@@ -51,13 +88,25 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     return images, skipped
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Opens and fully decodes an image file; raises ImageLoadError naming it on any failure."""
+def _open_error(path: Path, e: BaseException) -> ImageLoadError:
+    if isinstance(e, Image.DecompressionBombError):
+        return ImageLoadError(f"{path}: too large to decode safely ({e}); downscale it first")
+    return ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})")
+
+
+def open_lazy(path: str | Path) -> Image.Image:
+    """Opens an image file reading only its header; ImageLoadError naming it on failure.
+
+    Pillow warns (DecompressionBombWarning) about images over `Image.MAX_IMAGE_PIXELS`; they
+    are decoded shrunk and within a `DecodeBudget` here, so the warning is not shown. Images
+    over twice that limit are refused with an ImageLoadError.
+    """
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later in a batch
-            return img.copy()
+        # The warning filter is process-wide state: one thread at a time changes it.
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
     except FileNotFoundError:
         raise ImageLoadError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -67,7 +116,83 @@ def open_image(path: str | Path) -> Image.Image:
             f"{path}: not an image Pillow can read (unsupported format or corrupt file)"
         ) from None
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, ...
-        raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+        raise _open_error(path, e) from None
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """Bytes the full decode of `img` takes (after any `draft`), from its header."""
+    w, h = img.size
+    return w * h * _WIDE_MODES.get(img.mode, len(img.getbands()))
+
+
+def shrink_for(img: Image.Image, image_shape: Sequence[int]) -> Image.Image:
+    """`img` box-reduced by the largest integer factor that keeps >= REDUCE_GAP x the target."""
+    h, w = image_shape[:2]
+    factor = min(img.width // (REDUCE_GAP * w), img.height // (REDUCE_GAP * h))
+    if factor < 2:
+        return img
+    if img.mode in _REDUCIBLE_AS:
+        mode = _REDUCIBLE_AS[img.mode]
+        if img.mode == "P" and "transparency" not in img.info:
+            mode = "RGB"
+        img = img.convert(mode)
+    return img.reduce(factor)
+
+
+class DecodeBudget:
+    """Bounds the full-size decoded bytes that threads hold at once.
+
+    An image larger than the whole budget waits until it can run alone, so memory stays near
+    max(budget, largest image) however many threads decode.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_DECODE_BUDGET):
+        self.max_bytes = max_bytes
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        """Blocks until `nbytes` (capped at the budget) fit, holds them for the block."""
+        nbytes = min(nbytes, self.max_bytes)
+        with self._cond:
+            self._cond.wait_for(lambda: self._used + nbytes <= self.max_bytes)
+            self._used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= nbytes
+                self._cond.notify_all()
+
+
+def decode(img: Image.Image, image_shape: Sequence[int],
+           background: tuple[int, int, int] = (255, 255, 255),
+           budget: DecodeBudget | None = None) -> np.ndarray:
+    """Decodes an image from `open_lazy` straight to the model's uint8 [H, W, C]; closes it.
+
+    Shrinks while decoding (see the module docstring) and, with a `budget`, waits for room for
+    the full-size pixels first. Raises ImageLoadError naming the file on a decoding failure.
+    """
+    h, w = image_shape[:2]
+    name = Path(getattr(img, "filename", "") or "<image>")
+    try:
+        with img:
+            img.draft(None, (REDUCE_GAP * w, REDUCE_GAP * h))  # JPEG: decode at 1/2..1/8 size
+            nbytes = decoded_bytes(img)
+            with budget.reserve(nbytes) if budget else contextlib.nullcontext():
+                try:
+                    img.load()  # decode now: a truncated file fails here, not later in a batch
+                    small = shrink_for(img, image_shape)
+                    return to_model_array(small, image_shape, background)
+                finally:
+                    img.close()
+                    if nbytes >= _TRIM_BYTES:
+                        _return_memory_to_os()
+    except ImageLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, ...
+        raise _open_error(name, e) from None
 
 
 def _flatten_alpha(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -122,5 +247,5 @@ def load_image(source: ImageInput, image_shape: Sequence[int],
             raise ValueError(f"an image array must be [H, W] or [H, W, C], got {source.shape}")
         source = Image.fromarray(source)
     elif not isinstance(source, Image.Image):
-        source = open_image(source)
+        return decode(open_lazy(source), image_shape, background)
     return to_model_array(source, image_shape, background)
