@@ -192,3 +192,17 @@ def test_grid_rejects_bad_input(tmp_path):
         run_grid("quick", tmp_path, [8], ["plain"], [0], ["--config.model.depth=14"])
     with pytest.raises(ConfigError, match="depth"):
         run_grid("quick", tmp_path, [9], ["plain"], [0])
+
+
+def test_a_second_ablate_on_a_grid_in_use_is_refused(tmp_path, capsys):
+    """The grid root is locked while `ablate` runs: a second one exits 2 naming the first."""
+    from resnet_jax.cli import main
+    from resnet_jax.rundir.lock import WorkdirLock
+
+    with WorkdirLock(tmp_path, what="ablate"):
+        rc = main(["ablate", "--config", "quick", "--workdir", str(tmp_path), "--depths", "8",
+                   "--kinds", "plain", "--seeds", "0", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"error: --workdir {tmp_path} is in use by another run: pid ")
+    assert not (tmp_path / "plain8_seed0").exists()  # no run was started

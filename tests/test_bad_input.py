@@ -184,8 +184,8 @@ ARGUMENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv, expected", ARGUMENT_CASES, ids=[" ".join(c[0][:1] + c[0][-2:])
-                                                               for c in ARGUMENT_CASES])
+@pytest.mark.parametrize("argv, expected", ARGUMENT_CASES,
+                         ids=[" ".join(c[0]).replace(" {tmp}", "") for c in ARGUMENT_CASES])
 def test_bad_option_value_is_refused_before_anything_runs(tmp_path, capsys, argv, expected):
     with pytest.raises(SystemExit) as e:
         main([a.format(tmp=tmp_path) for a in argv])

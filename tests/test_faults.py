@@ -604,11 +604,12 @@ DISK_FULL = {
 
 
 @pytest.mark.parametrize("where", list(DISK_FULL))
-def test_disk_full_prints_only_the_documented_paragraph(tiny_run, tmp_path, capfd, monkeypatch,
-                                                        where):
+def test_disk_full_prints_only_the_documented_paragraph(tiny_run, tmp_path, capfd, caplog,
+                                                        monkeypatch, where):
     """A full disk while saving a checkpoint, writing metrics.jsonl or flushing TensorBoard:
     exit 2 and one `error:` line naming the file and the checkpoint to resume from, and nothing
-    else on stderr (no tracebacks from Orbax's, TensorStore's or TensorBoard's threads)."""
+    else on stderr (no tracebacks from Orbax's, TensorStore's or TensorBoard's threads, no
+    library error logs: pytest captures logging apart from stderr, so they are checked too)."""
     run = _copy_run(tiny_run, tmp_path)
     fill, what, kept = DISK_FULL[where]
     fill(monkeypatch)
@@ -619,4 +620,5 @@ def test_disk_full_prints_only_the_documented_paragraph(tiny_run, tmp_path, capf
     assert rc == 2
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: Could not write {what.format(run=run)}") and kept in err, err
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert committed_steps(run / "checkpoints") == [10, 20]

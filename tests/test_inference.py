@@ -230,6 +230,10 @@ def test_export_rejects_foreign_safetensors(tmp_path):
     save_file({"w": np.zeros((2,), np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="other.safetensors.*resnet-jax export"):
         resnet_jax.load(tmp_path / "other.safetensors")
+    save_file({"w": np.zeros((2,), np.float32)}, str(tmp_path / "cut.safetensors"),
+              metadata={"resnet_jax": '{"format": "resnet_jax.exp'})
+    with pytest.raises(ValueError, match="cut.safetensors: its resnet_jax metadata is not valid"):
+        resnet_jax.load(tmp_path / "cut.safetensors")
 
 
 # --- runs without checkpoints -------------------------------------------------------------------
@@ -252,10 +256,26 @@ def test_missing_run_or_checkpoint_is_a_clear_error(tiny_run, tmp_path, capsys):
 # --- files that are not what they should be ------------------------------------------------------
 
 
-def test_export_to_a_directory_or_an_unwritable_place_leaves_nothing(tiny_run, tmp_path, capsys):
+def test_export_to_a_directory_an_unwritable_place_or_a_full_disk_leaves_nothing(
+        tiny_run, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import resnet_jax.inference.export as export
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a model")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                              'StorageFull, message: "No space left on device" })')
+
     (tmp_path / "a_file").write_text("not a folder")
-    for out, why in [(tmp_path, "it is a directory"),
-                     (tmp_path / "a_file" / "m.safetensors", f"{tmp_path / 'a_file'} is a file")]:
+    (tmp_path / "models").mkdir()
+    for out, why, patch in [
+            (tmp_path / "models", "it is a directory", None),
+            (tmp_path / "a_file" / "m.safetensors", f"{tmp_path / 'a_file'} is a file", None),
+            (tmp_path / "m.safetensors", "the disk is full", full_disk)]:
+        if patch is not None:
+            monkeypatch.setattr(export, "save_file", patch)
         before = sorted(tmp_path.rglob("*"))
         assert main(["export", "--workdir", str(tiny_run[0]), "--out", str(out)]) == 2
         err = capsys.readouterr().err
@@ -308,6 +328,8 @@ def test_predict_on_13000_px_images_bounds_memory(clf, tmp_path):
     """Four 13,000 px RGB PNGs (507 MB each decoded): `predict` decodes one full-size image at a
     time and returns its memory, so its peak grows by about one image, not four; Pillow's
     DecompressionBombWarning is not printed."""
+    import os
+    import re
     import subprocess
     import sys
 
@@ -325,8 +347,12 @@ def test_predict_on_13000_px_images_bounds_memory(clf, tmp_path):
             "before = peak()\n"
             "assert main(['predict', '--model', sys.argv[1], sys.argv[3]]) == 0\n"
             "print('PEAK', before, peak())\n")
+    # One CPU device, as a user's machine has: the simulated devices' many threads share glibc's
+    # arenas with the decoders and would hide memory that a decoding thread keeps.
+    env = {**os.environ, "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                             os.environ.get("XLA_FLAGS", ""))}
     proc = subprocess.run([sys.executable, "-c", code, str(model), str(tmp_path / "small.png"),
-                           str(folder)], capture_output=True, text=True, timeout=300)
+                           str(folder)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no DecompressionBombWarning or any other library output
     lines = proc.stdout.splitlines()

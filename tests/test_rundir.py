@@ -37,7 +37,7 @@ def _rec(step: int, split: str = "train", **values) -> str:
 # --- the workdir lock ------------------------------------------------------------------------
 
 
-def test_lock_names_its_holder_and_dies_with_it(tmp_path):
+def test_lock_names_its_holder_and_dies_with_it(tmp_path, capsys):
     """A second locker fails naming pid and host; SIGKILL of the holder frees the directory."""
     code = ("import sys, time; from resnet_jax.rundir.lock import WorkdirLock; "
             "WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")
@@ -55,6 +55,12 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
         msg = str(e.value)
         assert f"--workdir {tmp_path} is in use by another run: pid {proc.pid} on " in msg
         assert info["host"] in msg and info["started"] in msg
+        # `evaluate` reads a run being trained, and says so.
+        from resnet_jax.inference.cli import _note_live_run
+
+        _note_live_run(str(tmp_path))
+        assert capsys.readouterr().err.startswith(
+            f"note: {tmp_path} is being trained now (pid {proc.pid} on ")
     finally:
         proc.send_signal(signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
         proc.wait()

@@ -93,7 +93,14 @@ def read_export(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     if raw is None:
         raise ValueError(f"{path} is a safetensors file without resnet_jax metadata; it was not "
                          "written by `resnet-jax export`.")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: its resnet_jax metadata is not valid JSON ({e}); the file is "
+                         "damaged.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its resnet_jax metadata is not a JSON object; the file is "
+                         "damaged.")
     if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
         raise ValueError(f"{path}: unsupported export format {meta.get('format')!r} "
                          f"version {meta.get('version')!r} (this code reads version {VERSION}).")
