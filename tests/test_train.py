@@ -386,7 +386,7 @@ def test_tensorboard_events_hold_every_logged_value(tiny_run):
     records = read_metrics(workdir)
     want = {(f"{r['split']}/{k}", r["step"]): v for r in records for k, v in r.items()
             if k not in ("split", "step")}
-    assert len(want) > 40 and set(scalars) == set(want)
+    assert len(want) >= 30 and set(scalars) == set(want)
     assert all(scalars[k] == pytest.approx(v, rel=1e-6) for k, v in want.items())
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 ARCHIVE_DIR = "archive"
 # Everything a run writes into its directory (the lock file and earlier archives stay).
-RUN_ENTRIES = ("config.json", "versions.json", "metrics.jsonl", "tensorboard", "checkpoints",
-               "checkpoints.corrupt", "eval", "export", "analysis.json")
+RUN_ENTRIES = ("config.json", "versions.json", "dataset.json", "normalization.npz",
+               "metrics.jsonl", "tensorboard", "checkpoints", "checkpoints.corrupt", "eval",
+               "export", "analysis.json")
 
 
 def archive_run(run_dir: str | Path) -> Path | None:

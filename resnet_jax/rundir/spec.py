@@ -14,13 +14,13 @@ Each file is written to a temporary name and renamed, so a kill leaves it whole 
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from resnet_jax.data import DataSpec, NormStats
+from resnet_jax.rundir.files import atomic_write
 
 SPEC_FILE = "dataset.json"
 STATS_FILE = "normalization.npz"
@@ -32,10 +32,11 @@ class SpecError(ValueError):
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_write(path, to_file)  # a failure (e.g. a full disk) names the file, leaves no temp
 
 
 def write_spec(workdir: str | Path, spec: DataSpec, stats: NormStats,
