@@ -190,7 +190,7 @@ def test_packed_run_resumes_alone_and_single_runs_resume_packed(runs, tmp_path, 
         assert int(a.step) == STEPS
         assert max_rel_diff((a.params, a.batch_stats), (b.params, b.batch_stats)) < 2e-2
         steps = [r["step"] for r in read_metrics(workdir) if r["split"] == "train"]
-        assert steps == [25, 50, 50]  # 50 again after the resume (the report keeps the last)
+        assert steps == [25, 50]  # once each: the resume replaced what came after step 25
 
 
 def test_packing_rejects_configs_that_differ_beyond_the_seed(tmp_path, sample_dataset):
