@@ -136,7 +136,7 @@ def torchvision_state_dict(clf: Classifier) -> dict[str, np.ndarray]:
 
 def export_torchvision(source: str | Path, out: str | Path) -> Classifier:
     """Writes the model of a run directory or export file as a torchvision `.pth` state_dict."""
-    from resnet_jax.inference.classifier import load
+    from resnet_jax.inference.loading import load
 
     clf = load(source)
     write_state_dict(torchvision_state_dict(clf), out)

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from resnet_jax.data import DataSpec, NormStats, normalize, replicate, shard_batch
+from resnet_jax.inference.export import save_export
 from resnet_jax.inference.images import (
     DEFAULT_DECODE_BUDGET,
     DecodeBudget,
@@ -222,8 +223,6 @@ class Classifier:
 
     def export(self, path: str | Path) -> Path:
         """Writes this model as one self-describing safetensors file (see `export.py`)."""
-        from resnet_jax.inference.export import save_export
-
         return save_export(self, path)
 
 
@@ -231,36 +230,3 @@ def _name(source: ImageInput) -> str:
     if isinstance(source, (str, Path)):
         return str(source)
     return f"<{type(source).__name__}>"
-
-
-def from_run(workdir: str | Path, step: int | None = None, best: bool = False,
-             batch_size: int = DEFAULT_BATCH_SIZE) -> Classifier:
-    """A classifier from a run directory's checkpoint (the newest, `step`, or the best).
-
-    Needs nothing but the run directory: class names, image shape and normalisation come from
-    its dataset spec (runs written before the spec existed load their dataset instead).
-    """
-    from resnet_jax.train import restore_model
-
-    config, spec, stats, state, eval_def, mesh = restore_model(workdir, step=step, best=best)
-    return Classifier(model_config=config.model, spec=spec, params=state.params,
-                      batch_stats=state.batch_stats, stats=stats, graphdef=eval_def,
-                      step=int(state.step), source=str(Path(workdir).absolute()),
-                      batch_size=batch_size, mesh=mesh)
-
-
-def load(path: str | Path, step: int | None = None, best: bool = False,
-         batch_size: int = DEFAULT_BATCH_SIZE) -> Classifier:
-    """A `Classifier` from a run directory (checkpoint `step`, the best, or the newest) or from
-    a file written by `resnet-jax export`. Loading never needs the optimiser state."""
-    path = Path(path)
-    if path.is_dir():
-        return from_run(path, step=step, best=best, batch_size=batch_size)
-    if path.is_file():
-        if step is not None or best:
-            raise ValueError(f"{path} is an exported model with one set of weights; "
-                             "step= and best= apply only to run directories.")
-        from resnet_jax.inference.export import load_export
-
-        return load_export(path, batch_size=batch_size)
-    raise FileNotFoundError(f"{path}: no such run directory or exported model file.")

@@ -89,8 +89,8 @@ def run_evaluate(args, overrides: list[str]) -> int:
 
 def run_predict(args, overrides: list[str]) -> int:
     """`resnet-jax predict`: top-k classes per image; exit 1 if any image could not be read."""
-    from resnet_jax.inference.classifier import load
     from resnet_jax.inference.images import expand_paths
+    from resnet_jax.inference.loading import load
 
     _no_overrides("predict", overrides)
     _quiet_orbax()
@@ -121,7 +121,7 @@ def run_export(args, overrides: list[str]) -> int:
     """`resnet-jax export`: writes the chosen checkpoint as a safetensors model file."""
     from pathlib import Path
 
-    from resnet_jax.inference.classifier import from_run
+    from resnet_jax.inference.loading import from_run
 
     _no_overrides("export", overrides)
     _quiet_orbax()

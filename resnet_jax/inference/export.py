@@ -15,20 +15,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import jax
-import ml_collections
 import numpy as np
-from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from resnet_jax.data import DataSpec, NormStats
 from resnet_jax.rundir.files import atomic_write
 
-if TYPE_CHECKING:
-    from resnet_jax.inference.classifier import Classifier
+
+class Exportable(Protocol):
+    """What `save_export` reads from a model (a `Classifier` has all of it)."""
+
+    model_config: Any
+    spec: DataSpec
+    stats: NormStats
+    step: int | None
+    source: str
+
+    def params(self) -> tuple[dict, dict]: ...
+
 
 FORMAT = "resnet_jax.export"
 VERSION = 1
@@ -49,7 +57,7 @@ def flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
             for path, x in leaves}
 
 
-def save_export(classifier: Classifier, path: str | Path) -> Path:
+def save_export(classifier: Exportable, path: str | Path) -> Path:
     """Writes `classifier`'s weights, BN statistics, normalisation and metadata to `path`.
 
     Raises WriteError naming `path` if it cannot be written.
@@ -107,8 +115,8 @@ def read_export(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, tensors
 
 
-def _fill(template: dict, tensors: dict[str, np.ndarray], prefix: str, path: Path) -> dict:
-    """The template's structure (with its int/str keys) filled from `tensors`, checked."""
+def fill_tree(template: dict, tensors: dict[str, np.ndarray], prefix: str, path: Path) -> dict:
+    """`template`'s structure (with its int/str keys) filled from `tensors`, shapes checked."""
 
     def take(key_path, abstract):
         name = "/".join([prefix, *map(_key_name, key_path)])
@@ -122,40 +130,6 @@ def _fill(template: dict, tensors: dict[str, np.ndarray], prefix: str, path: Pat
         return x
 
     return jax.tree_util.tree_map_with_path(take, template)
-
-
-def load_export(path: str | Path, batch_size: int | None = None) -> Classifier:
-    """A `Classifier` from a file written by `save_export` (no run directory, no optimiser)."""
-    from resnet_jax.inference.classifier import DEFAULT_BATCH_SIZE, Classifier
-    from resnet_jax.train import graphdefs, model_from_config
-
-    path = Path(path)
-    meta, tensors = read_export(path)
-    config = ml_collections.ConfigDict({"model": meta["model"]})
-    spec = DataSpec(name=meta.get("dataset", ""), source="export",
-                    num_classes=int(meta["num_classes"]),
-                    image_shape=tuple(int(d) for d in meta["image_shape"]),
-                    class_names=tuple(meta["class_names"]),
-                    num_train=0, num_validation=0, num_test=0)
-    missing = [k for k in ("normalization/mean", "normalization/std") if k not in tensors]
-    if missing:
-        raise ValueError(f"{path}: tensors {missing} are missing (normalisation statistics).")
-    _, eval_def = graphdefs(config, spec)
-    model = nnx.eval_shape(lambda: model_from_config(config, spec))
-    _, p_abs, b_abs = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params = _fill(nnx.to_pure_dict(p_abs), tensors, "params", path)
-    batch_stats = _fill(nnx.to_pure_dict(b_abs), tensors, "batch_stats", path)
-    expected = {*flatten_names(params, "params"), *flatten_names(batch_stats, "batch_stats"),
-                "normalization/mean", "normalization/std"}
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        raise ValueError(f"{path}: unexpected tensors {extra[:5]}; the file does not match its "
-                         "own model config.")
-    stats = NormStats(tensors["normalization/mean"], tensors["normalization/std"])
-    return Classifier(model_config=config.model, spec=spec, params=params,
-                      batch_stats=batch_stats, stats=stats, graphdef=eval_def,
-                      step=meta.get("step"), source=str(path.absolute()),
-                      batch_size=batch_size or DEFAULT_BATCH_SIZE)
 
 
 def flatten_names(tree: dict, prefix: str) -> list[str]:
