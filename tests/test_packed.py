@@ -197,7 +197,7 @@ def test_packing_rejects_configs_that_differ_beyond_the_seed(tmp_path, sample_da
     from resnet_jax.ablation.grid import resolve_pack
     from resnet_jax.train.packed import packed_config
 
-    # oneDNN's custom calls cannot be vmapped: a pack takes XLA's CPU path instead.
+    # Under vmap oneDNN's custom calls would run seed by seed: a pack takes XLA's CPU path.
     onednn, plain = packed_test_config(0), packed_test_config(0)
     onednn.model.backend, plain.model.backend = "onednn", "plain"
     assert packed_config(onednn).model.backend == "xla_cpu" and onednn.model.backend == "onednn"

@@ -219,14 +219,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         return _train(config, workdir, mesh, dataset, interactive)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
-           dataset: Dataset | None, interactive: bool | None) -> dict:
-    """The body of `train_and_evaluate`, run while holding the workdir's lock."""
+def training_parts(config: ml_collections.ConfigDict, dataset: Dataset | None = None):
+    """(dataset, lr schedule, optimiser, train graphdef, eval graphdef) of a run's config; the
+    dataset is loaded unless given."""
     t = config.train
     ds = dataset if dataset is not None else load_dataset(config.data)
     schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
     tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
-    train_def, eval_def = graphdefs(config, ds.spec)
+    return (ds, schedule, tx, *graphdefs(config, ds.spec))
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
+           dataset: Dataset | None, interactive: bool | None) -> dict:
+    """The body of `train_and_evaluate`, run while holding the workdir's lock."""
+    t = config.train
+    ds, schedule, tx, train_def, eval_def = training_parts(config, dataset)
     replicated = NamedSharding(mesh, P())
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,

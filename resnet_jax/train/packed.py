@@ -15,7 +15,8 @@ versions.json, metrics.jsonl, tensorboard/, checkpoints/, the dataset spec) with
 layout, so `resnet-jax report`, `evaluate` and a resume (alone, or packed again) cannot tell the
 difference.
 
-Packed runs never use the oneDNN backend: its custom calls have no vmap rule, so where
+Packed runs never use the oneDNN backend: under vmap its custom calls would run the seeds one
+after another (`vmap_method="sequential"`), so where
 `model.backend` is or resolves to "onednn" a pack trains with "xla_cpu" (XLA's convolutions, the
 same values to float32 rounding) and says so.
 """
@@ -36,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax import backends
 from resnet_jax.config import ConfigError, resolve_steps_per_call, validate
-from resnet_jax.data import Dataset, load_dataset, replicate
+from resnet_jax.data import Dataset, replicate
 from resnet_jax.rundir.files import WriteError, atomic_write_json
 from resnet_jax.rundir.spec import write_spec
 from resnet_jax.train.checkpoint import Checkpointer
@@ -53,11 +54,11 @@ from resnet_jax.train.loop import (
     jit_train_block,
     library_versions,
     make_mesh,
+    training_parts,
 )
-from resnet_jax.train.optim import make_optimizer, make_schedule
 from resnet_jax.train.pretrained import init_from_file
 from resnet_jax.train.signals import StopSignals
-from resnet_jax.train.state import DTYPES, TrainState, abstract_state, create_state, graphdefs
+from resnet_jax.train.state import DTYPES, TrainState, abstract_state, create_state
 from resnet_jax.train.step import make_eval_step
 from resnet_jax.train.workdir import (
     last_checkpoint_note,
@@ -159,16 +160,15 @@ def _train_packed(configs: list[ml_collections.ConfigDict], workdirs: list[Path]
     """The body of `train_packed`, run while holding every workdir's lock."""
     config = configs[0]
     t = config.train
-    ds = dataset if dataset is not None else load_dataset(config.data)
-    schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
-    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
-    train_def, eval_def = graphdefs(config, ds.spec)
+    ds, schedule, tx, train_def, eval_def = training_parts(config, dataset)
     replicated = NamedSharding(mesh, P())
     names = [w.name for w in workdirs]
     backend, why = backends.select(config.model.backend, dtype=DTYPES[config.model.dtype])
-    log(f"Packing {len(configs)} runs ({', '.join(names)}) in one program, backend {backend}"
-        + (f" instead of oneDNN (model.backend={asked!r}): oneDNN's custom calls have no vmap "
-           "rule" if config.model.backend != asked else f" ({why})") + ".")
+    because = (f" instead of oneDNN (model.backend={asked!r}): under vmap oneDNN's custom calls "
+               "would run the seeds one after another" if config.model.backend != asked
+               else f" ({why})")
+    log(f"Packing {len(configs)} runs ({', '.join(names)}) in one program, backend "
+        f"{backend}{because}.")
 
     ckpts = [Checkpointer(w / "checkpoints", keep=t.keep_checkpoints,
                           async_save=t.async_checkpoints) for w in workdirs]
