@@ -149,12 +149,16 @@ def test_tiny_run_writes_its_outputs(tiny_run):
 def test_one_cpu_device_with_the_default_path_matches_eight_devices(preempted_run,
                                                                    sample_dataset):
     # `resnet-jax train` on one CPU device with the CLI's defaults (its CPU settings, the default
-    # model.conv_impl), stopped after a few steps; its first two logged losses against the same
+    # model.backend), stopped after a few steps; its first two logged losses against the same
     # two steps on 8 devices. The schedule's num_steps does not matter yet: step 1 runs at
     # schedule(0), the peak rate for any length, and step 2's loss is taken before its update.
     workdir = preempted_run[0]
     versions = json.loads((workdir / "versions.json").read_text())
     assert len(versions["devices"]) == 1 and versions["process_count"] == 1
+    # The default on one CPU device: what auto picks there (oneDNN where it loads).
+    from resnet_jax import backends
+
+    assert versions["backend"] == backends.select("auto", num_devices=1, platform="cpu")[0]
     logged = {r["step"]: r["loss"] for r in read_metrics(workdir) if r["split"] == "train"}
     _, eight = run_steps(tiny_config(batch_size=32), sample_dataset, make_mesh(), 2)
     # Another device count (and maybe another convolution library) rounds differently: 1e-7
