@@ -73,6 +73,11 @@ def check_keys(found: set[str], layers: list[Layer], what: str) -> None:
                          f"unexpected keys {show(unexpected)}.")
 
 
+# A BatchNorm's tensors: (our name, torch's name, our collection).
+BN_TENSORS = (("scale", "weight", "params"), ("bias", "bias", "params"),
+              ("mean", "running_mean", "batch_stats"), ("var", "running_var", "batch_stats"))
+
+
 def to_ours(state: dict[str, np.ndarray], layers: list[Layer]) -> dict[str, np.ndarray]:
     """Our flat tensors (`params/<module>/kernel`, `batch_stats/<module>/mean`, ...), float32."""
     out = {}
@@ -86,9 +91,7 @@ def to_ours(state: dict[str, np.ndarray], layers: list[Layer]) -> dict[str, np.n
             out[f"params/{o}/kernel"] = w.T
             out[f"params/{o}/bias"] = state[f"{t}.bias"]
         else:
-            for ours, theirs, group in (("scale", "weight", "params"), ("bias", "bias", "params"),
-                                        ("mean", "running_mean", "batch_stats"),
-                                        ("var", "running_var", "batch_stats")):
+            for ours, theirs, group in BN_TENSORS:
                 out[f"{group}/{o}/{ours}"] = _take(state[f"{t}.{theirs}"], layer.out_perm, 0)
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
@@ -106,9 +109,7 @@ def to_torch(tensors: dict[str, np.ndarray], layers: list[Layer],
             out[f"{t}.weight"] = _untake(tensors[f"params/{o}/kernel"].T, layer.in_perm, 1)
             out[f"{t}.bias"] = tensors[f"params/{o}/bias"]
         else:
-            for ours, theirs, group in (("scale", "weight", "params"), ("bias", "bias", "params"),
-                                        ("mean", "running_mean", "batch_stats"),
-                                        ("var", "running_var", "batch_stats")):
+            for ours, theirs, group in BN_TENSORS:
                 out[f"{t}.{theirs}"] = _untake(tensors[f"{group}/{o}/{ours}"], layer.out_perm, 0)
             out[f"{t}.{BN_COUNTER}"] = np.asarray(batches_tracked, np.int64)
     return {k: np.ascontiguousarray(v) if v.dtype == np.int64 else
