@@ -32,7 +32,9 @@ LAYOUT = "train/<class>/*.jpg|png and test/<class>/* (or val/<class>/*)"
 
 # Pillow modes decoded to one channel; every other mode is decoded to RGB.
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# Modes that carry an alpha channel; "P"/"L"/"RGB" images may also have a tRNS transparency.
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 _STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 
@@ -292,14 +294,26 @@ def looks_like_image_tree(path: str | os.PathLike | None) -> bool:
     return (p / TRAIN).is_dir() or any((d / TRAIN).is_dir() for d in p.iterdir() if d.is_dir())
 
 
-def _flatten_alpha(img: Image.Image) -> Image.Image:
-    # Transparent pixels over white, as `resnet-jax predict` does with its inputs.
+def flatten_alpha(img: Image.Image,
+                  background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Composites transparent pixels over `background` (RGB out); opaque images pass unchanged.
+
+    Shared by the dataset decoder (white) and `resnet-jax predict` (its --background)."""
     if img.mode not in _ALPHA_MODES and "transparency" not in img.info:
         return img
     rgba = img.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    out = Image.alpha_composite(white, rgba)
-    return out.convert("L") if img.mode in _GRAY_MODES else out.convert("RGB")
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def narrow_wide_gray(img: Image.Image) -> Image.Image:
+    """16/32-bit integer grayscale mapped 0..65535 -> 0..255 ("L"); other images unchanged.
+
+    Pillow's own convert("L") clips such images at 255 instead of rescaling them."""
+    if img.mode not in _WIDE_GRAY_MODES:
+        return img
+    wide = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
@@ -311,11 +325,9 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now, so a truncated file fails here and names itself
-            img = _flatten_alpha(img)
-            if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-                wide = np.asarray(img, dtype=np.float64)
-                return np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)[..., None]
-            if img.mode in _GRAY_MODES:
+            gray = img.mode in _GRAY_MODES
+            img = narrow_wide_gray(flatten_alpha(img))
+            if gray:
                 return np.asarray(img.convert("L"), dtype=np.uint8)[..., None]
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except UnidentifiedImageError:

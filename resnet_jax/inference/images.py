@@ -23,10 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# Modes that carry an alpha channel; "P"/"L"/"RGB" images may also have a tRNS transparency.
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-# 16/32-bit integer grayscale: Pillow's convert("L") clips instead of rescaling, so do it here.
-_WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+from resnet_jax.data.folders import flatten_alpha, narrow_wide_gray
 
 ImageInput = str | Path | Image.Image | np.ndarray
 # Reduce by an integer factor only down to this multiple of the training size; the bilinear
@@ -195,15 +192,6 @@ def decode(img: Image.Image, image_shape: Sequence[int],
         raise _open_error(name, e) from None
 
 
-def _flatten_alpha(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Composites transparent pixels over `background` so they get a defined colour."""
-    if img.mode not in _ALPHA_MODES and "transparency" not in img.info:
-        return img
-    rgba = img.convert("RGBA")
-    base = Image.new("RGBA", rgba.size, (*background, 255))
-    return Image.alpha_composite(base, rgba).convert("RGB")
-
-
 def to_model_array(img: Image.Image, image_shape: Sequence[int],
                    background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
     """A PIL image as uint8 [H, W, C] for a model trained on `image_shape` (C is 1 or 3).
@@ -215,11 +203,7 @@ def to_model_array(img: Image.Image, image_shape: Sequence[int],
     h, w, c = image_shape
     if c not in (1, 3):
         raise ValueError(f"models with {c} input channels are not supported (only 1 or 3)")
-    img = _flatten_alpha(img, background)
-    if img.mode in _WIDE_GRAY_MODES:
-        # 16-bit PNGs: map 0..65535 onto 0..255 instead of letting Pillow clip at 255.
-        wide = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    img = narrow_wide_gray(flatten_alpha(img, background))
     mode = "L" if c == 1 else "RGB"
     if img.mode != mode:
         img = img.convert(mode)
