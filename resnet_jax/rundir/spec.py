@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from resnet_jax.data import DataSpec, NormStats
-from resnet_jax.rundir.files import atomic_write
+from resnet_jax.rundir.files import atomic_write, atomic_write_json
 
 SPEC_FILE = "dataset.json"
 STATS_FILE = "normalization.npz"
@@ -59,7 +59,7 @@ def write_spec(workdir: str | Path, spec: DataSpec, stats: NormStats,
         "normalization_file": STATS_FILE,
     }
     # The spec last: it is what readers look for, so its presence implies the statistics'.
-    _atomic_write(workdir / SPEC_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    atomic_write_json(workdir / SPEC_FILE, record, indent=1)
 
 
 def read_spec(workdir: str | Path) -> tuple[DataSpec, NormStats] | None:
