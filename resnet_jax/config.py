@@ -103,10 +103,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Datasets that need an input pipeline streaming from disk, which does not exist yet.
-NEEDS_STREAMING = ("imagenet2012",)
-
-
 def available_presets() -> list[str]:
     """Names of the preset files under resnet_jax/configs/."""
     import resnet_jax.configs as pkg
@@ -339,9 +335,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         _check(False, "data.name", config.data.name,
                f"choose one of {tuple(sorted(DATASET_NAMES))}{hint}")
-    _check(config.data.name not in NEEDS_STREAMING, "data.name", config.data.name,
-           "it needs a streaming input pipeline (data larger than device memory), which "
-           "resnet_jax does not have yet; every other dataset fits in device memory")
     try:
         validate_data_config(config.data)
     except ValueError as e:

@@ -2,8 +2,9 @@
 
     python tests/helpers_train_proc.py [--cli] WORKDIR [section.key=value ...]
 
-Starts from the `quick` preset with the given overrides; with --cli, through `resnet-jax train`
-(its messages and exit status), else by calling `train_and_evaluate`. Prints
+Starts from the `quick` preset (or $RESNET_JAX_TEST_PRESET) with the given overrides; with
+--cli, through `resnet-jax train` (its messages and exit status), else by calling
+`train_and_evaluate`. Prints
 `MARK <event> <step>` lines (flushed) that the tests wait for before killing the process:
   restoring N / resumed N around the restore of the latest checkpoint (N: its step)
   start N                 training starts (or resumes) at step N
@@ -59,14 +60,14 @@ def install_hooks() -> None:
     atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
 
     class MarkedCheckpointer(loop.Checkpointer):
-        def save(self, state, metrics=None, force=False):
-            saved = super().save(state, metrics, force)
+        def save(self, state, metrics=None, force=False, **kwargs):
+            saved = super().save(state, metrics, force, **kwargs)
             mark("saving", int(state.step))
             return saved
 
-        def restore(self, target, step=None):
+        def restore(self, target, step=None, **kwargs):
             mark("restoring", self.latest_step())
-            state = super().restore(target, step)
+            state = super().restore(target, step, **kwargs)
             mark("resumed", int(state.step))
             return state
 
@@ -106,13 +107,14 @@ def main(argv: list[str]) -> int:
 
     cli = argv[0] == "--cli"
     workdir, overrides = argv[cli], argv[cli + 1:]
-    config = apply_overrides(get_preset("quick"), overrides)
+    preset = os.environ.get("RESNET_JAX_TEST_PRESET", "quick")
+    config = apply_overrides(get_preset(preset), overrides)
     validate(config)
     install_hooks()
     if cli:
         from resnet_jax.cli import main as cli_main
 
-        return cli_main(["train", "--workdir", workdir, "--config", "quick",
+        return cli_main(["train", "--workdir", workdir, "--config", preset,
                          *(f"--config.{o}" for o in overrides)])
     result = loop.train_and_evaluate(config, workdir, interactive=False)
     mark("done", result["step"])

@@ -24,6 +24,8 @@ class DatasetInfo:
     archive_sets: tuple[tuple[str, ...], ...] = ()
     # Extra directories searched for the archive files (e.g. Debian's packaged copy).
     system_dirs: tuple[str, ...] = ()
+    # Class folders define the classes (any subset, e.g. a few ImageNet wnids), not this entry.
+    classes_from_data: bool = False
 
 
 _CIFAR10_CLASSES = (
@@ -102,7 +104,8 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
     "svhn_cropped": DatasetInfo("svhn_cropped", 10, (32, 32, 3), _DIGITS, "svhn_cropped"),
     "imagenet2012": DatasetInfo(
-        "imagenet2012", 1000, (224, 224, 3), tuple(str(i) for i in range(1000)), "imagenet2012"
+        "imagenet2012", 1000, (224, 224, 3), tuple(str(i) for i in range(1000)), "imagenet2012",
+        classes_from_data=True,
     ),
 }
 BUNDLED = ("fashion_mnist_sample",)

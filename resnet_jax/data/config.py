@@ -7,7 +7,10 @@ import ml_collections
 from resnet_jax.data.catalog import IMAGE_FOLDER
 
 SOURCES = ("auto", "tfds", "archive", "folder", "bundled")
-NORMALIZATIONS = ("mean_image", "per_channel", "none")
+NORMALIZATIONS = ("mean_image", "per_channel", "imagenet", "none")
+# "device": the uint8 training split lives on the devices (fast, exact epochs; must fit);
+# "stream": Grain reads and decodes batches on the host's CPUs (any size); "auto" picks.
+PIPELINES = ("auto", "device", "stream")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -28,6 +31,16 @@ def default_data_config() -> ml_collections.ConfigDict:
             "validation_size": 5000,
             "split_seed": 0,
             "normalization": "mean_image",
+            # Which input pipeline (docs/data.md): "auto" streams when the dataset cannot be
+            # held on the devices (imagenet2012, or images resized on the fly: image_size).
+            "pipeline": "auto",
+            # Streaming: crop size of images of any size (ImageNet: 224) by random-resized crop
+            # (train) or resize + centre crop (eval); None: the images' own, uniform size.
+            "image_size": ml_collections.FieldReference(None, field_type=int),
+            # Streaming: host threads that read and decode (0: one per CPU), and training
+            # images sampled to estimate mean_image / per_channel statistics.
+            "stream_threads": 0,
+            "stats_images": 10000,
             "pad": 4,
             "crop": True,
             "flip": True,
@@ -57,7 +70,15 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
             ".tar/.tar.gz holding train/<class>/* and test/<class>/*"
         )
     _choice(config, "normalization", NORMALIZATIONS)
-    for key in ("validation_size", "pad", "decode_workers"):
+    _choice(config, "pipeline", PIPELINES)
+    size = config.get("image_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"config.data.image_size={size!r} must be a positive integer or None")
+    if size is not None and config.pipeline == "device":
+        raise ValueError(
+            f"config.data.image_size={size} resizes images on the fly, which only the streaming "
+            "pipeline does: set config.data.pipeline to 'stream' or 'auto', or image_size=None")
+    for key in ("validation_size", "pad", "decode_workers", "stream_threads", "stats_images"):
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"config.data.{key}={value!r} must be an integer >= 0")

@@ -175,9 +175,11 @@ def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
 
 
-def _labels(decoded: DecodedSplit, classes: Sequence[str], tree: ImageTree, dataset: str,
-            require_all: bool) -> np.ndarray:
-    """The split's labels as indices into `classes`; every folder must be one of them."""
+def class_labels(decoded: DecodedSplit | SplitListing, classes: Sequence[str], tree: ImageTree,
+                 dataset: str, require_all: bool) -> np.ndarray:
+    """The split's labels as indices into `classes`; every folder must be one of them.
+
+    Takes a decoded split or a listing alike (the streaming pipeline has only the latter)."""
     index = {folder_name(c): i for i, c in enumerate(classes)}
     expected = ", ".join(index)
     unknown = [c for c in decoded.classes if c not in index]
@@ -238,6 +240,6 @@ def load_folder(data_dir: str, *, dataset: str, splits: Sequence[str] = (TRAIN, 
     out = {}
     for s, d in decoded.items():
         _check_size(d, image_shape, tree, expected)
-        labels = _labels(d, classes, tree, dataset, require_all=given and s == TRAIN)
+        labels = class_labels(d, classes, tree, dataset, require_all=given and s == TRAIN)
         out[s] = (to_channels(d.images, image_shape[2]), labels)
     return out, tuple(classes), tuple(image_shape)

@@ -124,7 +124,8 @@ class ImageTree:
         self._listings: dict[str, SplitListing] = {}
         # A tar's members, read on first use: image bytes, regular files and folders, named
         # relative to the dataset root, which is `_prefix` inside the archive.
-        self._members: dict[str, bytes] | None = None
+        self._members: dict[str, bytes | tuple[int, int]] | None = None
+        self._fd: int | None = None  # an uncompressed tar, opened for reads by offset
         self._files: list[str] = []
         self._dirs: list[str] = []
         self._prefix = ""
@@ -151,19 +152,26 @@ class ImageTree:
         return (f"{self.path} has no train/ folder (found: {shown or 'nothing'}); expected "
                 f"{LAYOUT}, directly or under one top folder")
 
-    def _load_tar(self) -> dict[str, bytes]:
-        """Reads every image member of the archive once (one pass: .tar.gz cannot seek)."""
+    def _load_tar(self) -> dict[str, bytes | tuple[int, int]]:
+        """Indexes the archive's image members once.
+
+        An uncompressed .tar is indexed by (offset, size) and read on demand, so a dataset larger
+        than memory can be streamed from it; a compressed one cannot seek, so its images are read
+        into memory in this one pass.
+        """
         if self._members is not None:
             return self._members
-        raw: dict[str, bytes] = {}
+        raw: dict[str, bytes | tuple[int, int]] = {}
         names: list[tuple[str, bool]] = []  # (name, is a regular file)
+        seekable = _is_plain_tar(self.path)
         try:
-            with tarfile.open(self.path, "r|*") as tar:
+            with tarfile.open(self.path, "r:" if seekable else "r|*") as tar:
                 for m in tar:
                     name = m.name.rstrip("/")
                     names.append((name, m.isfile()))
                     if m.isfile() and is_image_file(name):
-                        raw[name] = tar.extractfile(m).read()  # type: ignore[union-attr]
+                        raw[name] = ((m.offset_data, m.size) if seekable else
+                                     tar.extractfile(m).read())  # type: ignore[union-attr]
         except _STREAM_ERRORS as e:
             raise FolderLayoutError(f"{self.path}: cannot read the archive (truncated or corrupt? "
                                     f"{type(e).__name__}: {e})") from e
@@ -268,17 +276,43 @@ class ImageTree:
 
     def read(self, files: Sequence[str]) -> Iterator[tuple[str, bytes]]:
         """`(name for errors, bytes)` of each file, in the given order."""
-        if self.is_tar:
-            members = self._load_tar()
-            for f in files:
-                yield self.describe(f), members[f]
-            return
         for f in files:
-            path = self._root / f
-            try:
-                yield str(path), path.read_bytes()
-            except OSError as e:
-                raise ImageDecodeError(f"{path}: cannot read ({e.strerror or e})") from None
+            yield self.describe(f), self.read_one(f)
+
+    def read_one(self, file: str) -> bytes:
+        """The bytes of one file (a path from a listing); safe to call from several threads."""
+        if self.is_tar:
+            member = self._load_tar()[file]
+            if isinstance(member, bytes):
+                return member
+            offset, size = member
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            data = os.pread(self._fd, size, offset)
+            if len(data) != size:
+                raise ImageDecodeError(f"{self.describe(file)}: the archive ends inside this "
+                                       "file (truncated or changed since it was listed?)")
+            return data
+        path = self._root / file
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise ImageDecodeError(f"{path}: cannot read ({e.strerror or e})") from None
+
+    def __getstate__(self) -> dict:
+        # A worker process opens its own descriptor.
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+def _is_plain_tar(path: Path) -> bool:
+    """True for an uncompressed tar (members can be read by offset); False if compressed."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    return not magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"))
 
 
 def looks_like_image_tree(path: str | os.PathLike | None) -> bool:
@@ -316,8 +350,9 @@ def narrow_wide_gray(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """One JPEG/PNG file's bytes as uint8 [H, W, C]: C = 1 for grayscale files, else 3 (RGB).
+def open_image(data: bytes, name: str) -> Image.Image:
+    """One JPEG/PNG file's bytes as a decoded Pillow image in mode "L" (grayscale files) or
+    "RGB" (all others).
 
     Transparency is composited over white; 16-bit grayscale is scaled to 8 bits. Raises
     ImageDecodeError naming `name` when the bytes are not a readable image.
@@ -327,14 +362,22 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
             img.load()  # decode now, so a truncated file fails here and names itself
             gray = img.mode in _GRAY_MODES
             img = narrow_wide_gray(flatten_alpha(img))
-            if gray:
-                return np.asarray(img.convert("L"), dtype=np.uint8)[..., None]
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return img.convert("L") if gray else img.convert("RGB")
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{name}: not an image Pillow can read (corrupt file or not a "
                                "JPEG/PNG)") from None
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
         raise ImageDecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """One JPEG/PNG file's bytes as uint8 [H, W, C]: C = 1 for grayscale files, else 3 (RGB).
+
+    See `open_image` for transparency, 16-bit grayscale and errors.
+    """
+    img = open_image(data, name)
+    array = np.asarray(img, dtype=np.uint8)
+    return array[..., None] if img.mode == "L" else array
 
 
 def decode_many(items: Sequence[tuple[str, bytes]]) -> list[np.ndarray]:

@@ -87,8 +87,8 @@ def _folder(name: str, data_dir: str | None, cache_dir: str | None, workers: int
         info = get_info(name)
         if info.name == "imagenet2012":
             raise NotImplementedError(
-                "imagenet2012 needs a streaming input pipeline, which resnet_jax.data does not "
-                "support yet; only datasets that fit in device memory are implemented."
+                "imagenet2012 does not fit on the devices; it is read by the streaming pipeline "
+                "(config.data.pipeline='stream' or 'auto', see docs/data.md)"
             )
         classes, image_shape = info.class_names, info.image_shape
     return load_folder(data_dir, dataset=name, splits=splits, classes=classes,

@@ -9,6 +9,9 @@ import numpy as np
 
 from resnet_jax.data.config import NORMALIZATIONS
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class NormStats(NamedTuple):
     """`(x - mean) / std` on the 0..255 scale; a NamedTuple so it is a pytree for jit.
@@ -25,9 +28,12 @@ def compute_stats(train_images: np.ndarray, method: str) -> NormStats:
 
     - "mean_image": the paper's per-pixel mean image; divided by 255 only to keep inputs O(1).
     - "per_channel": mean and standard deviation of each channel.
+    - "imagenet": the fixed ImageNet RGB mean and std everyone uses (nothing is computed).
     - "none": no centring, pixels scaled to [0, 1].
     """
     c = train_images.shape[-1]
+    if method == "imagenet":
+        return imagenet_stats(c)
     if method == "mean_image":
         # float64 accumulation: 45k images summed in float32 lose low bits.
         mean = train_images.mean(axis=0, dtype=np.float64)
@@ -40,6 +46,16 @@ def compute_stats(train_images: np.ndarray, method: str) -> NormStats:
     if method == "none":
         return NormStats(np.zeros((c,), np.float32), np.full((c,), 255.0, np.float32))
     raise ValueError(f"normalization={method!r} is not valid; choose one of {NORMALIZATIONS}")
+
+
+def imagenet_stats(channels: int = 3) -> NormStats:
+    """The ImageNet training set's per-channel RGB mean and std on the 0..255 scale; their
+    average for one channel."""
+    mean = np.asarray(IMAGENET_MEAN, np.float32) * 255
+    std = np.asarray(IMAGENET_STD, np.float32) * 255
+    if channels == 1:
+        mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+    return NormStats(mean, std)
 
 
 def normalize(images_u8: jnp.ndarray, stats: NormStats) -> jnp.ndarray:

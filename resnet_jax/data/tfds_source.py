@@ -47,11 +47,14 @@ def _to_arrays(source, name: str) -> Split:
 def _prepare(builder, info: DatasetInfo, data_dir: str | None) -> None:
     hint = where_to_put(info, data_dir) if info.archive_sets else ""
     where = f"not prepared in {builder.data_dir}"
+    other = ("or use source='archive'" if info.archive_sets else
+             "or read class folders: --config.data.source=folder --config.data.data_dir=DIR "
+             "(DIR or DIR.tar holding train/<class>/*.JPEG and val/<class>/*.JPEG)")
     if not tensorflow_available():
         raise DatasetNotFoundError(
             f"TFDS dataset {info.tfds_name!r} is {where}, and preparing it needs TensorFlow: "
             f"pip install 'resnet-jax[prepare]' (or prepare it once elsewhere with "
-            f"file_format='array_record' and copy the folder), or use source='archive'. {hint}"
+            f"file_format='array_record' and copy the folder), {other}. {hint}".rstrip()
         )
     if not network_available():
         raise DatasetNotFoundError(
@@ -64,8 +67,8 @@ def load_tfds(info: DatasetInfo, data_dir: str | None) -> tuple[Split, Split, li
     """Load the train and test splits of `info` from TFDS, preparing them if needed and possible."""
     if info.name == "imagenet2012":
         raise NotImplementedError(
-            "imagenet2012 needs a streaming input pipeline, which resnet_jax.data does not "
-            "support yet; only datasets that fit in device memory are implemented."
+            "imagenet2012 does not fit on the devices; it is read by the streaming pipeline "
+            "(config.data.pipeline='stream' or 'auto', see docs/data.md)"
         )
     import tensorflow_datasets as tfds  # deferred: the import costs about a second
 

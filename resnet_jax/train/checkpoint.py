@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -30,6 +31,9 @@ from resnet_jax.train.state import TrainState
 log = logging.getLogger(__name__)
 BEST_METRIC = "validation_error"
 MANIFEST = "resnet_jax_manifest.json"
+# A step's items: the train state (Orbax's default item, so checkpoints written before the
+# input iterator was saved restore unchanged) and the streaming input's Grain iterator state.
+STATE_ITEM, DATA_ITEM = "default", "data"
 
 
 def _not_missing_metrics(record: logging.LogRecord) -> bool:
@@ -130,13 +134,20 @@ def _late_write_callback(unraisable) -> bool:
             and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
 
 
+def _abandoned_read(unraisable) -> bool:
+    """Whether an unraisable exception is a shard read of a checkpoint whose restore already
+    failed: Orbax drops the other reads' coroutines, and each reports itself when collected,
+    after the one warning (or error) we give for that checkpoint."""
+    return getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put"
+
+
 def _install_unraisable_filter() -> None:
     previous = sys.unraisablehook
     if getattr(previous, "_resnet_jax_filter", False):
         return
 
     def hook(unraisable) -> None:
-        if not _late_write_callback(unraisable):
+        if not (_late_write_callback(unraisable) or _abandoned_read(unraisable)):
             previous(unraisable)
 
     hook._resnet_jax_filter = True
@@ -170,7 +181,12 @@ class Checkpointer:
             # A kill during an async save leaves a temporary directory: remove it on restart.
             cleanup_tmp_directories=not read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                           DATA_ITEM: grain.checkpoint.CheckpointHandler()})
+        # Whether the last restore() also restored an input iterator's state.
+        self.restored_data = False
         self._unverified: list[int] = []  # saved by us, manifest not yet written
         self._skipped: set[int] = set()  # unreadable steps that restore() walked past
         self._in_flight: int | None = None
@@ -266,11 +282,13 @@ class Checkpointer:
                         f"{_describe(e)}. The checkpoint itself is complete; free disk space, "
                         "then rerun the same command to resume from it.") from e
 
-    def save(self, state: TrainState, metrics: dict | None = None, force: bool = False) -> bool:
+    def save(self, state: TrainState, metrics: dict | None = None, force: bool = False,
+             data_iterator: grain.DatasetIterator | None = None) -> bool:
         """Starts saving `state` at its step (async); never writes non-finite parameters.
 
         `metrics` holding `validation_error` are stored with the step and rank it for
         `best_step()` and the retention of the best; other steps are kept only while recent.
+        `data_iterator` (the streaming input's) has its position saved with the step.
 
         Raises CheckpointError when this or the previous (async) save could not be written.
         """
@@ -300,8 +318,11 @@ class Checkpointer:
             raise self._fail(previous, e) from e
         self._in_flight = None
         try:
-            saved = self.manager.save(step, args=ocp.args.StandardSave(state.as_dict()),
-                                      metrics=metrics, force=force)
+            items = {STATE_ITEM: ocp.args.StandardSave(state.as_dict())}
+            if data_iterator is not None:
+                items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                                      force=force)
         except Exception as e:  # noqa: BLE001
             raise self._fail(step, e) from e
         if saved:
@@ -355,12 +376,16 @@ class Checkpointer:
         self.manager.reload()
         return dest
 
-    def restore(self, target: TrainState, step: int | None = None) -> TrainState:
+    def restore(self, target: TrainState, step: int | None = None,
+                data_iterator: grain.DatasetIterator | None = None) -> TrainState:
         """Restores `step` (default: newest good one) into `target`'s structure and shardings.
 
         `target` may hold arrays or `jax.ShapeDtypeStruct`s. With no step given, a checkpoint
-        that cannot be read is skipped with a warning and the previous one is tried.
+        that cannot be read is skipped with a warning and the previous one is tried. The saved
+        input position, if the step has one, is restored into `data_iterator`
+        (`restored_data` says whether it had).
         """
+        self.restored_data = False
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             target.as_dict(),
@@ -376,8 +401,13 @@ class Checkpointer:
             problem = verify_manifest(step_dir)
             corrupt = problem is not None
             if not corrupt:
+                items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
+                with_data = data_iterator is not None and (step_dir / DATA_ITEM).is_dir()
+                if with_data:
+                    items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
                 try:
-                    restored = self.manager.restore(s, args=ocp.args.StandardRestore(abstract))
+                    restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+                    restored = restored[STATE_ITEM]
                 except Exception as e:  # noqa: BLE001 - any read failure means "not usable"
                     problem = f"it cannot be read ({_describe(e)})"
                 else:
@@ -385,6 +415,7 @@ class Checkpointer:
                     # usable, the one error below lists every problem instead.
                     for warning in skipped:
                         log.warning("%s; falling back to the previous checkpoint.", warning)
+                    self.restored_data = with_data
                     return TrainState(**restored)
             msg = f"checkpoint {step_dir} is unusable: {problem}"
             errors.append(msg)

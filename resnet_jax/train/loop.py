@@ -21,11 +21,12 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax import backends
 from resnet_jax.config import ConfigError, load_run_config, resolve_steps_per_call, validate
-from resnet_jax.data import AugmentConfig, Dataset, load_dataset, replicate
+from resnet_jax.data import AugmentConfig, Dataset, NormStats, load_dataset
 from resnet_jax.rundir.files import WriteError, atomic_write_json
-from resnet_jax.rundir.spec import read_spec, write_spec
+from resnet_jax.rundir.spec import SpecError, read_spec, write_spec
 from resnet_jax.train.checkpoint import Checkpointer
-from resnet_jax.train.evaluation import evaluate_split
+from resnet_jax.train.evaluation import evaluate_batches
+from resnet_jax.train.inputs import open_input
 from resnet_jax.train.logger import MetricsLogger
 from resnet_jax.train.optim import make_optimizer, make_schedule
 from resnet_jax.train.pretrained import init_from_file
@@ -50,7 +51,7 @@ RESUMABLE_CHANGES = {
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batch_size",
     "train.eval_splits", "train.checkpoint_every", "train.keep_checkpoints",
     "train.async_checkpoints", "train.steps_per_call", "data.data_dir", "data.source",
-    "data.cache_dir", "data.decode_workers",
+    "data.cache_dir", "data.decode_workers", "data.stream_threads", "data.stats_images",
     "model.backend", "model.conv_impl",  # the same maths by other kernels (conv_impl: old runs)
 }
 
@@ -87,21 +88,25 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def jit_train_block(config: ml_collections.ConfigDict, train_def, tx, schedule, mesh: Mesh,
-                    num_steps: int, *, packed: bool = False) -> Callable:
+                    num_steps: int, *, packed: bool = False, streamed: bool = False) -> Callable:
     """`run(state, data) -> (state, metrics)`: `num_steps` train steps in one jitted call.
 
     The state is donated (updated in place) and stays replicated; `data` is the resident
-    `(images_u8, labels, stats)` of the training split. The bench times this same function.
-    `packed`: the state has a leading axis of independent runs (seeds, train/packed.py) that
-    share `data`; metrics then come back as [num_steps, runs].
+    `(images_u8, labels, stats)` of the training split, or with `streamed` the block's batches
+    `(images [num_steps, B, ...], labels [num_steps, B], stats)`. The bench times this same
+    function. `packed`: the state has a leading axis of independent runs (seeds,
+    train/packed.py) that share `data`; metrics then come back as [num_steps, runs].
     """
     t = config.train
-    step_cfg = StepConfig(batch_size=t.batch_size, aug=AugmentConfig.from_config(config.data),
-                          dynamic_loss_scale=t.loss_scale > 0)
+    aug = AugmentConfig.from_config(config.data)
+    if streamed and config.data.get("image_size") is not None:
+        aug = AugmentConfig(pad=0, crop=False, flip=False)  # cropped and flipped on the host
+    step_cfg = StepConfig(batch_size=t.batch_size, aug=aug, dynamic_loss_scale=t.loss_scale > 0,
+                          streamed=streamed)
     train_step = make_train_step(train_def, tx, schedule, step_cfg, mesh)
     if packed:
         train_step = jax.vmap(train_step, in_axes=(0, None))
-    return jax.jit(make_multi_step(train_step, num_steps), donate_argnums=0,
+    return jax.jit(make_multi_step(train_step, num_steps, streamed), donate_argnums=0,
                    out_shardings=(NamedSharding(mesh, P()), None))
 
 
@@ -229,34 +234,53 @@ def training_parts(config: ml_collections.ConfigDict, dataset: Dataset | None = 
     return (ds, schedule, tx, *graphdefs(config, ds.spec))
 
 
+def _resumed_stats(workdir: Path, ckpt: Checkpointer) -> NormStats | None:
+    """The normalisation statistics a run being resumed trained with (None for a new run):
+    a stream would otherwise estimate them again from a sample of images."""
+    if ckpt.latest_step() is None:
+        return None
+    try:
+        saved = read_spec(workdir)
+    except SpecError:
+        return None
+    return None if saved is None else saved[1]
+
+
 def _train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
            dataset: Dataset | None, interactive: bool | None) -> dict:
     """The body of `train_and_evaluate`, run while holding the workdir's lock."""
     t = config.train
-    ds, schedule, tx, train_def, eval_def = training_parts(config, dataset)
     replicated = NamedSharding(mesh, P())
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
                         async_save=t.async_checkpoints)
-    logger = None
+    logger = inputs = None
     try:
+        inputs = open_input(config, mesh, dataset, _resumed_stats(workdir, ckpt), load_dataset)
+        spec = inputs.spec
+        schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
+        tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
+        train_def, eval_def = graphdefs(config, spec)
         notes: list[str] = []
         if ckpt.latest_step() is not None:
             # Restore into an abstract target: a bad checkpoint is reported before any compile.
-            state = ckpt.restore(abstract_state(config, ds.spec, tx, replicated))
+            state = ckpt.restore(abstract_state(config, spec, tx, replicated),
+                                 data_iterator=inputs.iterator)
         else:
             refuse_lost_progress(workdir, ckpt, t.checkpoint_every)
-            state = create_state(config, ds.spec, tx, replicated)
+            state = create_state(config, spec, tx, replicated)
             if t.get("init_from"):
-                state, notes = init_from_file(state, config, ds.spec, mesh)
+                state, notes = init_from_file(state, config, spec, mesh)
         start = int(state.step)
+        inputs.seek(start, restored=ckpt.restored_data)
         backend, why = backends.select(config.model.backend, dtype=DTYPES[config.model.dtype])
         if jax.process_index() == 0:
             atomic_write_json(workdir / "config.json", config_to_dict(config))
             atomic_write_json(workdir / "versions.json",
-                              {**library_versions(), "backend": backend, "backend_reason": why})
+                              {**library_versions(), "backend": backend, "backend_reason": why,
+                               "pipeline": "stream" if inputs.streamed else "device"})
             # What predict/export/load need of the data, so they work once it is gone.
-            write_spec(workdir, ds.spec, ds.stats, config.data.normalization)
+            write_spec(workdir, spec, inputs.stats, config.data.normalization)
         logger = MetricsLogger(workdir, t.num_steps, start, t.batch_size, interactive)
         if start:
             logger.message(f"Resumed {workdir} from step {start}.")
@@ -264,20 +288,19 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
             logger.message(note)
         if why.startswith("not oneDNN") and config.model.backend == "auto" and mesh.size == 1:
             logger.message(f"Backend xla_cpu: {why}.")
-        data = replicate((ds.train_images, ds.train_labels, ds.stats), mesh)
-        run_block = jit_train_block(config, train_def, tx, schedule, mesh, t.steps_per_call)
-        run_one = jit_train_block(config, train_def, tx, schedule, mesh, 1)
+        streamed = inputs.streamed
+        run_block = jit_train_block(config, train_def, tx, schedule, mesh, t.steps_per_call,
+                                    streamed=streamed)
+        run_one = jit_train_block(config, train_def, tx, schedule, mesh, 1, streamed=streamed)
         eval_step = jax.jit(make_eval_step(eval_def))
-        splits = {"validation": (ds.validation_images, ds.validation_labels),
-                  "test": (ds.test_images, ds.test_labels)}
 
         def evaluate(state: TrainState) -> dict:
             results = {}
             for name in t.eval_splits:
-                images, labels = splits[name]
-                if len(images):
-                    r = evaluate_split(eval_step, state, images, labels, data[2],
-                                       t.eval_batch_size, mesh)
+                if inputs.eval_size(name):
+                    r = evaluate_batches(eval_step, state,
+                                         inputs.eval_batches(name, t.eval_batch_size),
+                                         inputs.stats_on_device, inputs.eval_size(name))
                     logger.write(int(state.step), name, r)
                     results[f"{name}_error"] = r["error"]
                     results[f"{name}_loss"] = r["loss"]
@@ -305,7 +328,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
             while step < t.num_steps:
                 fn, k = (run_block, t.steps_per_call) if (
                     t.num_steps - step >= t.steps_per_call) else (run_one, 1)
-                state, metrics = fn(state, data)
+                state, metrics = fn(state, inputs.block(k))
                 step += k
                 pending.append(metrics)
                 done = step >= t.num_steps
@@ -322,7 +345,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
                     check_health(state)
                     evaluated = step % t.eval_every == 0 or done
                     ckpt.save(state, metrics={k: v for k, v in last_eval.items()
-                                              if k == "validation_error"} if evaluated else None)
+                                              if k == "validation_error"} if evaluated else None,
+                              data_iterator=inputs.iterator)
                 if stop.received:
                     ckpt.wait()
                     raise Preempted(step, stop.received)
@@ -332,6 +356,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
     except WriteError as e:  # metrics or TensorBoard: say where the run can resume from
         raise WriteError(f"{e} {last_checkpoint_note(ckpt)}") from e
     finally:
+        if inputs is not None:
+            inputs.close()
         if logger is not None:
             logger.close(raise_errors=sys.exc_info()[0] is None)
         # While another error propagates, a failing pending save is logged, not raised over it.

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax.data import AugmentConfig, NormStats, normalize, train_batch
+from resnet_jax.data import AugmentConfig, NormStats, augment, data_keys, normalize, train_batch
 from resnet_jax.train.state import TrainState
 
 # Dynamic loss scaling (float16): halve on overflow, double after this many finite steps.
@@ -32,6 +32,9 @@ class StepConfig:
     batch_size: int
     aug: AugmentConfig
     dynamic_loss_scale: bool = False
+    # The batch arrives with the data (streaming pipeline) instead of being gathered on the
+    # devices from the resident training split.
+    streamed: bool = False
 
 
 def _all_finite(tree) -> jax.Array:
@@ -42,13 +45,27 @@ def _select(pred: jax.Array, new, old):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def streamed_batch(images_u8: jax.Array, labels: jax.Array, stats: NormStats, key: jax.Array,
+                   step: jax.Array, aug: AugmentConfig, sharding: NamedSharding
+                   ) -> tuple[jax.Array, jax.Array]:
+    """A streamed uint8 batch normalised and, where `aug` asks, padded, cropped and flipped on
+    the device with the resident pipeline's key for `step`."""
+    x = normalize(jax.lax.with_sharding_constraint(images_u8, sharding), stats)
+    if aug.flip or (aug.crop and aug.pad > 0):
+        _, aug_key = data_keys(key)
+        x = augment(jax.random.fold_in(aug_key, step), x, pad=aug.pad, flip=aug.flip,
+                    crop=aug.crop)
+    return x, labels.astype(jnp.int32)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: Callable,
                     cfg: StepConfig, mesh: Mesh) -> Callable:
     """Returns the pure `train_step(state, data) -> (state, metrics)`.
 
-    `data` is `(images_u8, labels, stats)`: the whole training split, resident on the devices.
-    The batch of step s is a pure function of (seed, s), so a resumed run sees the same batches.
-    A step whose loss or gradients are not finite is skipped (state kept, counter raised).
+    `data` is `(images_u8, labels, stats)`: the whole training split, resident on the devices,
+    or with `cfg.streamed` this step's uint8 batch and its labels. Either way the batch of step
+    s is a pure function of (seed, s), so a resumed run sees the same batches. A step whose loss
+    or gradients are not finite is skipped (state kept, counter raised).
     """
     batch_sharding = NamedSharding(mesh, P("data"))
 
@@ -62,8 +79,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     def train_step(state: TrainState, data) -> tuple[TrainState, dict]:
         images, labels, stats = data
         key = jax.random.wrap_key_data(state.rng)
-        x, y = train_batch(images, labels, stats, key, state.step, cfg.batch_size, cfg.aug,
-                           out_sharding=batch_sharding)
+        if cfg.streamed:
+            x, y = streamed_batch(images, labels, stats, key, state.step, cfg.aug,
+                                  batch_sharding)
+        else:
+            x, y = train_batch(images, labels, stats, key, state.step, cfg.batch_size, cfg.aug,
+                               out_sharding=batch_sharding)
         grads, (loss, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(
             state.params, state.batch_stats, x, y, state.loss_scale
         )
@@ -99,11 +120,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     return train_step
 
 
-def make_multi_step(train_step: Callable, num_steps: int) -> Callable:
+def make_multi_step(train_step: Callable, num_steps: int, streamed: bool = False) -> Callable:
     """`num_steps` train steps in one call (`lax.scan`), so dispatch never dominates small nets.
 
-    Metrics come back stacked along a leading axis of length `num_steps`.
+    Metrics come back stacked along a leading axis of length `num_steps`. `streamed`: `data` is
+    `(images [num_steps, B, ...], labels [num_steps, B], stats)`, one batch per step.
     """
+    if streamed:
+        def streamed_steps(state, data):
+            images, labels, stats = data
+            return jax.lax.scan(lambda s, batch: train_step(s, (*batch, stats)), state,
+                                (images, labels), length=num_steps)
+
+        return streamed_steps
     if num_steps == 1:
         return functools.partial(_one, train_step)
 
