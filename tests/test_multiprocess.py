@@ -113,3 +113,52 @@ def test_two_processes_match_one_and_their_checkpoints_restore(tmp_path):
                                          jax.tree.leaves(previous.params), strict=True))
             assert change > 1e-3
         previous = mp_state
+
+
+def test_two_processes_stream_their_rows_and_match_one(tmp_path):
+    """The streaming pipeline on an ImageNet-layout folder: each of 2 processes reads half of
+    each global batch; losses, the test evaluation and the saved input positions match a
+    1-process run on the same 4 devices."""
+    from test_stream import WNIDS, stream_run, write_imagenet_folder
+
+    data = write_imagenet_folder(tmp_path / "imagenet")
+    run = stream_run(data, num_steps=2)
+    preset = {"RESNET_JAX_TEST_PRESET": "imagenet_resnet50"}
+    workdir, single = tmp_path / "two_processes", tmp_path / "one_process"
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, str(HELPER), str(workdir), *run], cwd=ROOT,
+        env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID=str(pid), **preset),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
+    procs.append(subprocess.Popen(
+        [sys.executable, str(HELPER), str(single), *run], cwd=ROOT, env=_env(4, **preset),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=420)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        assert "MARK done 2" in out
+    versions = json.loads((workdir / "versions.json").read_text())
+    assert versions["process_count"] == 2 and versions["pipeline"] == "stream"
+
+    mp_losses, sp_losses = train_losses(workdir), train_losses(single)
+    assert sorted(mp_losses) == [1, 2]
+    for step in (1, 2):
+        assert mp_losses[step] == pytest.approx(sp_losses[step], rel=1e-5)
+    tests = []
+    for run_dir in (workdir, single):
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        tests.append([r for r in records if r["split"] == "test"])
+    assert [r["count"] for r in tests[0]] == [r["count"] for r in tests[1]] == [3 * len(WNIDS)]
+    assert tests[0][0]["loss"] == pytest.approx(tests[1][0]["loss"], rel=1e-4)
+    for pid in range(2):
+        saved = workdir / "checkpoints" / "2" / "data" / f"process_{pid}-of-2.json"
+        assert json.loads(saved.read_text())["next_index"] == 2
