@@ -352,3 +352,23 @@ def test_a_killed_streamed_run_resumes_bitwise_exact(imagenet_dir, tmp_path):
     ref_losses = {r["step"]: r["loss"] for r in _records(tmp_path / "reference")
                   if r["split"] == "train"}
     assert losses == ref_losses and sorted(losses) == list(range(1, 9))
+
+
+def test_auto_streams_a_split_that_does_not_fit_and_device_refuses_it(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A device reporting 1 MB: the bundled sample (5,000 x 28 x 28 bytes = 3.9 MB) does not fit
+    in half of it, so "auto" streams it (and says why) and "device" is refused, naming both."""
+    monkeypatch.setattr("resnet_jax.train.inputs.device_memory_bytes", lambda: 2**20)
+    common = ["--config", "quick", "--config.train.num_steps=2", "--config.train.log_every=1",
+              "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+              "--config.train.batch_size=64", "--config.train.eval_splits=()"]
+    assert main(["train", "--workdir", str(tmp_path / "auto"), *common]) == 0
+    out = capsys.readouterr()
+    assert "Streaming the input: the training split (0.00 GiB" in out.out + out.err
+    versions = json.loads((tmp_path / "auto" / "versions.json").read_text())
+    assert versions["pipeline"] == "stream"
+    assert main(["train", "--workdir", str(tmp_path / "device"), *common,
+                 "--config.data.pipeline=device"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit comfortably in one device's 0.00 GiB" in err
+    assert "config.data.pipeline='stream'" in err

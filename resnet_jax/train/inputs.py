@@ -34,20 +34,26 @@ def device_memory_bytes() -> int | None:
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
+class DoesNotFitError(ValueError):
+    """The training split is too large to be held on the devices."""
+
+
 class DeviceInput:
     """The whole uint8 training split replicated on every device (the resident pipeline)."""
 
     streamed = False
     iterator = None
+    note = ""
 
     def __init__(self, ds: Dataset, mesh: Mesh):
         limit = device_memory_bytes()
         size = ds.train_images.nbytes
         if limit is not None and size > RESIDENT_MEMORY_FRACTION * limit:
-            raise ValueError(
-                f"the training split ({size / 2**30:.1f} GiB of uint8 images) does not fit "
-                f"comfortably in one device's {limit / 2**30:.1f} GiB; set "
-                "config.data.pipeline='stream' to stream it from the host")
+            raise DoesNotFitError(
+                f"the training split ({size / 2**30:.2f} GiB of uint8 images) does not fit "
+                f"comfortably in one device's {limit / 2**30:.2f} GiB (at most "
+                f"{RESIDENT_MEMORY_FRACTION:.0%}); set config.data.pipeline='stream' or 'auto' to "
+                "stream it from the host")
         self.spec, self.stats, self.mesh = ds.spec, ds.stats, mesh
         self.data = replicate((ds.train_images, ds.train_labels, ds.stats), mesh)
         self.stats_on_device = self.data[2]
@@ -81,7 +87,8 @@ class StreamInput:
     streamed = True
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh,
-                 stats: NormStats | None = None):
+                 stats: NormStats | None = None, note: str = ""):
+        self.note = note  # why this run streams, when "auto" chose it for lack of memory
         d, t = config.data, config.train
         self.splits = streaming.open_stream(d, stats)
         self.spec: DataSpec = self.splits.spec
@@ -139,8 +146,15 @@ class StreamInput:
 def open_input(config: ml_collections.ConfigDict, mesh: Mesh, dataset: Dataset | None = None,
                stats: NormStats | None = None, load=None):
     """The run's input by config.data.pipeline: a StreamInput, or a DeviceInput of `dataset`
-    (loaded with `load(config.data)` when not given). `stats` spares a stream re-estimating
-    the normalisation statistics of a resumed run."""
+    (loaded with `load(config.data)` when not given). "auto" streams a training split that
+    turns out not to fit on the devices. `stats` spares a stream re-estimating the
+    normalisation statistics of a resumed run."""
     if dataset is None and streaming.resolve_pipeline(config.data) == "stream":
         return StreamInput(config, mesh, stats)
-    return DeviceInput(dataset if dataset is not None else load(config.data), mesh)
+    try:
+        return DeviceInput(dataset if dataset is not None else load(config.data), mesh)
+    except DoesNotFitError as e:
+        if config.data.pipeline != "auto" or dataset is not None:
+            raise
+        return StreamInput(config, mesh, stats, note=f"Streaming the input: {e}.".replace(
+            "; set config.data.pipeline='stream' or 'auto' to stream it from the host", ""))

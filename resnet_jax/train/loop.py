@@ -284,8 +284,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
         logger = MetricsLogger(workdir, t.num_steps, start, t.batch_size, interactive)
         if start:
             logger.message(f"Resumed {workdir} from step {start}.")
-        for note in notes:
-            logger.message(note)
+        for note in [*notes, inputs.note]:
+            if note:
+                logger.message(note)
         if why.startswith("not oneDNN") and config.model.backend == "auto" and mesh.size == 1:
             logger.message(f"Backend xla_cpu: {why}.")
         streamed = inputs.streamed
