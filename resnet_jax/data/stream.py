@@ -122,17 +122,21 @@ def open_stream(config: ml_collections.ConfigDict, stats: NormStats | None = Non
     run's) skips estimating the normalisation statistics from a sample of training images."""
     info = None if config.name == IMAGE_FOLDER else get_info(config.name)
     source = resolve_source(info, config.source, config.data_dir)
+    channels = None  # what the source declares; else the catalogue's or the first image's
     if source == "folder":
         train, test, classes = _folder_splits(config, info)
     elif source == "tfds":
-        train, test, names = tfds_records(info, config.data_dir)
+        prepared = tfds_records(info, config.data_dir)
+        train, test, names = prepared.train, prepared.test, prepared.class_names
+        channels = prepared.image_shape[-1]  # a grayscale JPEG in ImageNet is still RGB
         classes = names if names and len(names) == info.num_classes else info.class_names
     else:  # archives and the bundled sample: small enough to read whole, streamed from memory
         train, test, classes = _array_splits(config, info)
     size = config.get("image_size")
     first = _first_image(train)
-    channels = info.image_shape[2] if info is not None and not info.classes_from_data else (
-        1 if first.ndim == 2 or first.shape[-1] == 1 else 3)
+    if channels is None:
+        channels = info.image_shape[2] if info is not None and not info.classes_from_data else (
+            1 if first.ndim == 2 or first.shape[-1] == 1 else 3)
     shape = (size, size, channels) if size else (*first.shape[:2], channels)
     train_idx, val_idx = split_indices(len(train), config.validation_size, config.split_seed)
     train, validation = train.subset(train_idx), train.subset(val_idx)
