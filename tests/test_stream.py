@@ -372,3 +372,18 @@ def test_auto_streams_a_split_that_does_not_fit_and_device_refuses_it(tmp_path, 
     err = capsys.readouterr().err
     assert "does not fit comfortably in one device's 0.00 GiB" in err
     assert "config.data.pipeline='stream'" in err
+
+
+def test_channels_do_not_hang_on_the_first_file(imagenet_dir, tmp_path):
+    """ImageNet is RGB even when its first file is grayscale; an image folder is RGB when any
+    sampled image is in colour, grayscale when none is."""
+    data = tmp_path / "imagenet"
+    shutil.copytree(imagenet_dir, data)
+    first = data / "train" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG"
+    Image.open(first).convert("L").save(first)
+    assert streaming.open_stream(folder_config(data).data).spec.image_shape == (16, 16, 3)
+    as_folder = folder_config(data, "data.name=image_folder", "data.normalization=none")
+    assert streaming.open_stream(as_folder.data).spec.image_shape == (16, 16, 3)
+    for path in (data / "train").rglob("*.*"):
+        Image.open(path).convert("L").save(path, format="PNG" if path.suffix == ".png" else None)
+    assert streaming.open_stream(as_folder.data).spec.image_shape == (16, 16, 1)

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grain
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from resnet_jax.data import image_ops
 from resnet_jax.data.catalog import IMAGE_FOLDER, DatasetInfo, get_info
@@ -111,9 +112,21 @@ def _array_splits(config, info: DatasetInfo):
             tuple(names))
 
 
+def _decoded(records, i: int) -> np.ndarray:
+    name, image, _ = records[i]
+    array = image if isinstance(image, np.ndarray) else np.asarray(open_image(image, name))
+    return array if array.ndim == 3 else array[..., None]
+
+
 def _first_image(records) -> np.ndarray:
-    name, image, _ = records[0]
-    return image if isinstance(image, np.ndarray) else np.asarray(open_image(image, name))
+    return _decoded(records, 0)
+
+
+def _channels_of(records, probes: int = 32) -> int:
+    """An image folder's channels: 3 if any of `probes` images spread over it is in colour
+    (grayscale files are then replicated), else 1; the resident loader's rule, on a sample."""
+    picks = np.unique(np.linspace(0, len(records) - 1, probes).astype(int))
+    return 3 if any(_decoded(records, int(i)).shape[-1] == 3 for i in picks) else 1
 
 
 def open_stream(config: ml_collections.ConfigDict, stats: NormStats | None = None
@@ -135,8 +148,7 @@ def open_stream(config: ml_collections.ConfigDict, stats: NormStats | None = Non
     size = config.get("image_size")
     first = _first_image(train)
     if channels is None:
-        channels = info.image_shape[2] if info is not None and not info.classes_from_data else (
-            1 if first.ndim == 2 or first.shape[-1] == 1 else 3)
+        channels = info.image_shape[2] if info is not None else _channels_of(train)
     shape = (size, size, channels) if size else (*first.shape[:2], channels)
     train_idx, val_idx = split_indices(len(train), config.validation_size, config.split_seed)
     train, validation = train.subset(train_idx), train.subset(val_idx)
@@ -168,9 +180,7 @@ class _Decoder:
         self.shape = tuple(spec.image_shape)
         self.size = size
 
-    def pil(self, name: str, image):
-        from PIL import Image
-
+    def pil(self, name: str, image) -> Image.Image:
         if isinstance(image, np.ndarray):
             return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
         return open_image(image, name)
