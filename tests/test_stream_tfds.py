@@ -179,6 +179,13 @@ def test_tfrecord_prepared_data_says_to_prepare_array_record(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"no array_record files.*tfrecord.*"
                        r"file_format='array_record'\)\.download_and_prepare"):
         stream.open_stream(stream_config("cifar10", tmp_path))
+    # The resident loader says the same, rather than TFDS's "file format is already set".
+    from resnet_jax.data import load_dataset
+
+    resident = stream_config("cifar10", tmp_path)
+    resident.validation_size = 1
+    with pytest.raises(RuntimeError, match=r"cannot be read as array_record.*tfrecord"):
+        load_dataset(resident)
 
 
 def test_not_prepared_without_tensorflow_fails_at_once(tmp_path, monkeypatch):

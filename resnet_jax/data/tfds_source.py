@@ -72,7 +72,9 @@ def load_tfds(info: DatasetInfo, data_dir: str | None) -> tuple[Split, Split, li
         )
     import tensorflow_datasets as tfds  # deferred: the import costs about a second
 
-    builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record")
+    # No file_format: TFDS refuses to open a folder prepared in another format than the one
+    # asked for (a raw ValueError) before we could say what to do about it.
+    builder = tfds.builder(info.tfds_name, data_dir=data_dir)
     try:
         sources = builder.as_data_source(split=["train", "test"])
     except Exception as e:  # TFDS raises KeyError / AssertionError / ... when not prepared
@@ -82,6 +84,7 @@ def load_tfds(info: DatasetInfo, data_dir: str | None) -> tuple[Split, Split, li
                 "array_record (was it prepared with file_format='tfrecord'?). Re-prepare it "
                 f"with file_format='array_record'. ({type(e).__name__}: {e})"
             ) from e
+        builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record")
         _prepare(builder, info, data_dir)
         sources = builder.as_data_source(split=["train", "test"])
     train, test = (_to_arrays(s, info.tfds_name) for s in sources)
