@@ -215,9 +215,12 @@ def test_export_round_trip_gives_identical_logits(tiny_run, clf, sample_dataset,
     meta, tensors = read_export(out)
     assert meta["class_names"] == list(clf.class_names) and meta["image_shape"] == [28, 28, 1]
     assert meta["model"]["depth"] == 8 and meta["step"] == 20
+    # Without config.data.image_size: no centre crop, and a file older readers accept.
+    assert "center_crop" not in meta and meta["version"] == 1
     assert all(k.split("/")[0] in ("params", "batch_stats", "normalization") for k in tensors)
     np.testing.assert_array_equal(tensors["normalization/mean"], sample_dataset.stats.mean)
     exported = resnet_jax.load(out)
+    assert exported.center_crop is None and clf.center_crop is None
     images = sample_dataset.test_images[:300]
     np.testing.assert_array_equal(exported.logits(images), clf.logits(images))
     with pytest.raises(ValueError, match="run directories"):

@@ -350,6 +350,18 @@ def narrow_wide_gray(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
 
 
+def as_gray_or_rgb(img: Image.Image,
+                   background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """A decoded image in mode "L" (grayscale modes) or "RGB" (all others), transparency
+    composited over `background`, 16-bit grayscale scaled to 8 bits.
+
+    How the datasets decode a file (`open_image`), shared with `resnet-jax predict` so that a
+    file is classified from the pixels its evaluation saw."""
+    gray = img.mode in _GRAY_MODES
+    img = narrow_wide_gray(flatten_alpha(img, background))
+    return img.convert("L") if gray else img.convert("RGB")
+
+
 def open_image(data: bytes, name: str) -> Image.Image:
     """One JPEG/PNG file's bytes as a decoded Pillow image in mode "L" (grayscale files) or
     "RGB" (all others).
@@ -360,9 +372,7 @@ def open_image(data: bytes, name: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now, so a truncated file fails here and names itself
-            gray = img.mode in _GRAY_MODES
-            img = narrow_wide_gray(flatten_alpha(img))
-            return img.convert("L") if gray else img.convert("RGB")
+            return as_gray_or_rgb(img)
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{name}: not an image Pillow can read (corrupt file or not a "
                                "JPEG/PNG)") from None

@@ -58,10 +58,16 @@ def random_resized_crop(img: Image.Image, rng: np.random.Generator, size: int) -
     return _as_array(img.resize((size, size), RESAMPLE, box=box))
 
 
+def eval_resize(size: int) -> int:
+    """The shorter side an image is resized to before its centre `size` crop (256 for 224)."""
+    return round(size * EVAL_RESIZE_RATIO)
+
+
 def resize_center_crop(img: Image.Image, size: int,
                        resize: int | None = None) -> np.ndarray:
-    """Shorter side resized to `resize` (default 256/224 x `size`), then the centre `size` crop."""
-    resize = resize or round(size * EVAL_RESIZE_RATIO)
+    """Shorter side resized to `resize` (default `eval_resize(size)`), then the centre `size`
+    crop."""
+    resize = resize or eval_resize(size)
     scale = resize / min(img.width, img.height)
     w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
     # The crop's box in the original image's coordinates: resize only what is kept.

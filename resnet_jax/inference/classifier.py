@@ -26,6 +26,7 @@ from resnet_jax.data import DataSpec, NormStats, normalize, replicate, shard_bat
 from resnet_jax.inference.export import save_export
 from resnet_jax.inference.images import (
     DEFAULT_DECODE_BUDGET,
+    CenterCrop,
     DecodeBudget,
     ImageInput,
     ImageLoadError,
@@ -70,18 +71,24 @@ class Classifier:
     """A restored model: parameters, BN statistics, normalisation and class names, no optimiser.
 
     Inputs are uint8 NHWC arrays at the training shape, or lists of file paths / PIL images /
-    uint8 arrays (converted with `images.to_model_array`). Work is done in fixed-size batches
-    (the last one padded), sharded over all devices, so jit compiles once.
+    uint8 arrays (converted with `images.to_model_array`; with `center_crop`, as the run's
+    evaluation converted its images). Work is done in fixed-size batches (the last one padded),
+    sharded over all devices, so jit compiles once.
     """
 
     def __init__(self, *, model_config: ml_collections.ConfigDict, spec: DataSpec,
                  params: dict, batch_stats: dict, stats: NormStats, graphdef: nnx.GraphDef,
                  step: int | None = None, source: str = "", batch_size: int = DEFAULT_BATCH_SIZE,
-                 mesh: Mesh | None = None, background: tuple[int, int, int] = (255, 255, 255)):
+                 mesh: Mesh | None = None, background: tuple[int, int, int] = (255, 255, 255),
+                 center_crop: CenterCrop | None = None):
         from resnet_jax.train import make_mesh
 
         self.model_config = model_config
         self.spec = spec
+        if center_crop is not None and tuple(spec.image_shape[:2]) != (center_crop.size,) * 2:
+            raise ValueError(f"center_crop {center_crop} does not give the model's input shape "
+                             f"{tuple(spec.image_shape)}")
+        self.center_crop = center_crop
         self.step = step
         self.source = source
         self.background = background
@@ -108,7 +115,9 @@ class Classifier:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """The training input shape (H, W, C) that every input is converted to."""
+        """The training input shape (H, W, C) that every input is converted to: resized to it,
+        or with `center_crop` (runs trained at config.data.image_size) resized so that the
+        shorter side is `center_crop.resize` and centre-cropped to it."""
         return tuple(self.spec.image_shape)
 
     @property
@@ -122,8 +131,10 @@ class Classifier:
 
     def __repr__(self) -> str:
         m = self.model_config
+        crop = "" if self.center_crop is None else (
+            f" (shorter side {self.center_crop.resize}, centre crop)")
         return (f"Classifier({m.family} depth={m.depth}, {self.num_classes} classes, "
-                f"input {self.image_shape}, step={self.step}, from {self.source})")
+                f"input {self.image_shape}{crop}, step={self.step}, from {self.source})")
 
     # --- inputs -----------------------------------------------------------------------------
     def preprocess(self, images: np.ndarray | Sequence[ImageInput]) -> np.ndarray:
@@ -137,7 +148,8 @@ class Classifier:
         elif isinstance(images, (str, Path, np.ndarray, Image.Image)) or not isinstance(
                 images, Iterable):
             images = [images]  # a single image
-        arrays = [load_image(x, self.image_shape, self.background) for x in images]
+        arrays = [load_image(x, self.image_shape, self.background, self.center_crop)
+                  for x in images]
         if not arrays:
             return np.zeros((0, *self.image_shape), np.uint8)
         return np.stack(arrays)
@@ -173,8 +185,9 @@ class Classifier:
     def _load_one(self, source: ImageInput, budget: DecodeBudget) -> np.ndarray | str:
         try:
             if isinstance(source, (str, Path)):
-                return decode(open_lazy(source), self.image_shape, self.background, budget)
-            return load_image(source, self.image_shape, self.background)
+                return decode(open_lazy(source), self.image_shape, self.background, budget,
+                              self.center_crop)
+            return load_image(source, self.image_shape, self.background, self.center_crop)
         except (ImageLoadError, ValueError) as e:
             return str(e) if isinstance(e, ImageLoadError) else f"{_name(source)}: {e}"
 

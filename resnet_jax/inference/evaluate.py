@@ -1,16 +1,22 @@
 """Scoring a run's checkpoint on a whole split: metrics, per-class accuracy, confusion matrix.
 
 Uses the training code's own eval step, batch size and normalisation, so the numbers equal
-those `metrics.jsonl` logged for the same step and split.
+those `metrics.jsonl` logged for the same step and split. A run trained with the streaming
+pipeline is scored as its training evaluated: images read, decoded and centre-cropped by Grain
+batch by batch, so a split of any size and images of any size can be scored.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
+from resnet_jax.data import DataSpec, NormStats
 from resnet_jax.rundir.files import atomic_write, atomic_write_json
 from resnet_jax.rundir.metrics import find_record
 
@@ -64,6 +70,46 @@ def plot_confusion(cm: np.ndarray, class_names: tuple[str, ...], title: str,
         plt.close(fig)
 
 
+def check_same_data(name: str, found: DataSpec, trained: DataSpec) -> None:
+    """Raises ValueError unless the data found now has the run's classes and image shape, so
+    that labels mean what they meant in training."""
+    if (tuple(found.class_names) != tuple(trained.class_names)
+            or tuple(found.image_shape) != tuple(trained.image_shape)):
+        raise ValueError(
+            f"the {name} data found now has classes {list(found.class_names)} and images "
+            f"{tuple(found.image_shape)}, but the run was trained on classes "
+            f"{list(trained.class_names)} and images {tuple(trained.image_shape)}")
+
+
+def streamed_split(config: ml_collections.ConfigDict, split: str, spec: DataSpec,
+                   stats: NormStats, mesh: Mesh) -> tuple[Iterator[tuple], int, list[np.ndarray]]:
+    """`(batches, size, labels)` of a streamed run's split: global `(images, labels, mask)`
+    device batches covering it once (the last padded and masked), its number of examples, and
+    a list that receives each batch's real labels as the batches are read."""
+    from resnet_jax.data import stream
+    from resnet_jax.data.sharding import shard_local_batch
+
+    splits = stream.open_stream(config.data, stats=stats)  # the run's statistics: no sampling
+    check_same_data(config.data.name, splits.spec, spec)
+    ds, size = stream.eval_dataset(splits, split, config.train.eval_batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+    labels: list[np.ndarray] = []
+
+    def batches() -> Iterator[tuple]:
+        iterator = stream.iterate(ds, stream.threads(config.data))
+        try:
+            for images, y, mask in iterator:
+                labels.append(np.asarray(y)[np.asarray(mask)])
+                yield shard_local_batch((images, y, mask), mesh)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    return batches(), size, labels
+
+
 def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = False,
                  split: str = "test", out_dir: str | Path | None = None) -> dict:
     """Scores every example of `split` with a checkpoint of the run in `workdir`.
@@ -73,7 +119,9 @@ def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = Fals
     step and split (if any), and the paths of the JSON file and the confusion-matrix PNG.
     """
     from resnet_jax.data import load_split, replicate
+    from resnet_jax.data.stream import resolve_pipeline
     from resnet_jax.train import evaluate_split, make_eval_step, restore_model
+    from resnet_jax.train.evaluation import evaluate_batches
 
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not valid; choose one of {SPLITS}")
@@ -82,13 +130,19 @@ def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = Fals
     if split == "validation" and not config.data.validation_size:
         raise ValueError(f"the validation split of {spec.name} is empty in this run "
                          f"(config.data.validation_size={config.data.validation_size}).")
-    # Only the scored split's data is read; the statistics are the run's own.
-    images, labels = load_split(config.data, split, spec)
     step = int(state.step)
     eval_step = jax.jit(make_eval_step(eval_def))
     # Same batch size and replicated stats as the training loop: identical batches, same sums.
-    r = evaluate_split(eval_step, state, images, labels, replicate(stats, mesh),
-                       config.train.eval_batch_size, mesh, return_logits=True)
+    # Only the scored split's data is read; the statistics are the run's own.
+    if resolve_pipeline(config.data) == "stream":
+        batches, size, read_labels = streamed_split(config, split, spec, stats, mesh)
+        r = evaluate_batches(eval_step, state, batches, replicate(stats, mesh), size,
+                             return_logits=True)
+        labels = np.concatenate(read_labels) if read_labels else np.zeros((0,), np.int32)
+    else:
+        images, labels = load_split(config.data, split, spec)
+        r = evaluate_split(eval_step, state, images, labels, replicate(stats, mesh),
+                           config.train.eval_batch_size, mesh, return_logits=True)
     names = tuple(spec.class_names)
     cm = confusion_matrix(labels, np.argmax(r["logits"], axis=-1), spec.num_classes)
     counts = cm.sum(axis=1)

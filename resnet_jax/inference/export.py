@@ -5,7 +5,8 @@ Layout:
   keys joined with "/"), plus `normalization/mean` and `normalization/std` (the run's training
   statistics, e.g. the per-pixel mean image);
 - metadata key `resnet_jax`: JSON with the `model` config section, `num_classes`,
-  `class_names`, `image_shape`, the dataset name, the step and run it came from.
+  `class_names`, `image_shape`, the dataset name, the step and run it came from, and for a run
+  trained at `config.data.image_size` its evaluation's `center_crop` (`{"size", "resize"}`).
 
 No optimiser state is stored. Loading rebuilds the network from the model config and checks
 every tensor's name, shape and dtype against it, so a file from another version fails loudly.
@@ -31,6 +32,7 @@ class Exportable(Protocol):
 
     model_config: Any
     spec: DataSpec
+    center_crop: Any  # images.CenterCrop or None
     stats: NormStats
     step: int | None
     source: str
@@ -39,7 +41,11 @@ class Exportable(Protocol):
 
 
 FORMAT = "resnet_jax.export"
-VERSION = 1
+VERSION = 2
+# Version 2 added `center_crop`. Files without one are written as version 1, which older code
+# reads correctly; a file that needs the crop is version 2, which older code refuses rather than
+# resizing its inputs the wrong way.
+_FIRST_VERSION = 1
 META_KEY = "resnet_jax"
 
 
@@ -69,9 +75,10 @@ def save_export(classifier: Exportable, path: str | Path) -> Path:
                "normalization/mean": np.ascontiguousarray(stats.mean, np.float32),
                "normalization/std": np.ascontiguousarray(stats.std, np.float32)}
     spec = classifier.spec
+    crop = classifier.center_crop
     meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": _FIRST_VERSION if crop is None else VERSION,
         "model": classifier.model_config.to_dict(),
         "num_classes": int(spec.num_classes),
         "class_names": list(spec.class_names),
@@ -80,6 +87,8 @@ def save_export(classifier: Exportable, path: str | Path) -> Path:
         "step": classifier.step,
         "source": classifier.source,
     }
+    if crop is not None:
+        meta["center_crop"] = crop.to_json()
     # Atomic: a crash never leaves a half-written model under the real name, and a failure
     # (no permission, a directory in the way, a full disk) leaves no temporary file behind.
     return atomic_write(path, lambda tmp: save_file(

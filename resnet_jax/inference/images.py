@@ -4,6 +4,11 @@ The conversion mirrors what the model saw in training: uint8 pixels, H x W x C w
 (grayscale, e.g. Fashion-MNIST) or 3 (RGB, e.g. CIFAR). Normalisation (mean image / channel
 statistics) is applied later, on the device, with the run's own statistics.
 
+A run trained on images of any size (`config.data.image_size`, the streaming pipeline) instead
+takes a `CenterCrop`: each image is decoded in full and converted exactly as its evaluation
+converted it (`image_ops.resize_center_crop`: shorter side to 256/224 x the size, centre crop),
+so that a file's prediction is the one `resnet-jax evaluate` scored.
+
 Large files are shrunk while they are decoded, so a 13,000 px photo never exists at full size
 more than once: JPEGs decode directly at 1/2, 1/4 or 1/8 scale (Pillow's `draft`), and any image
 at least `REDUCE_GAP` times the training size is box-reduced by an integer factor (`reduce`)
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from resnet_jax.data.folders import flatten_alpha, narrow_wide_gray
+from resnet_jax.data import image_ops
+from resnet_jax.data.folders import as_gray_or_rgb, flatten_alpha, narrow_wide_gray
 
 ImageInput = str | Path | Image.Image | np.ndarray
 # Reduce by an integer factor only down to this multiple of the training size; the bilinear
@@ -57,6 +64,38 @@ _malloc_trim = None
 
 class ImageLoadError(ValueError):
     """An image file is missing, corrupt or in a format Pillow cannot read; names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CenterCrop:
+    """The evaluation conversion of a run trained at `config.data.image_size`: the shorter side
+    resized to `resize`, then the centre `size` x `size` crop."""
+
+    size: int
+    resize: int
+
+    @classmethod
+    def for_data(cls, data_config) -> CenterCrop | None:
+        """The crop a run's `data` config evaluates with; None without `image_size` (images are
+        then used at their own size, and predict resizes them to it)."""
+        size = data_config.get("image_size")
+        return None if size is None else cls(int(size), image_ops.eval_resize(int(size)))
+
+    def to_json(self) -> dict[str, int]:
+        """`{"size": ..., "resize": ...}`."""
+        return {"size": self.size, "resize": self.resize}
+
+    @classmethod
+    def from_json(cls, record, where: str) -> CenterCrop:
+        """The inverse of `to_json`; ValueError naming `where` if `record` is not one."""
+        try:
+            crop = cls(int(record["size"]), int(record["resize"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where}: center_crop must be {{'size': int, 'resize': int}}, got "
+                             f"{record!r}") from None
+        if crop.size < 1 or crop.resize < 1:
+            raise ValueError(f"{where}: center_crop {record!r} needs positive sizes")
+        return crop
 
 
 def image_extensions() -> frozenset[str]:
@@ -165,21 +204,25 @@ class DecodeBudget:
 
 def decode(img: Image.Image, image_shape: Sequence[int],
            background: tuple[int, int, int] = (255, 255, 255),
-           budget: DecodeBudget | None = None) -> np.ndarray:
+           budget: DecodeBudget | None = None, crop: CenterCrop | None = None) -> np.ndarray:
     """Decodes an image from `open_lazy` straight to the model's uint8 [H, W, C]; closes it.
 
-    Shrinks while decoding (see the module docstring) and, with a `budget`, waits for room for
-    the full-size pixels first. Raises ImageLoadError naming the file on a decoding failure.
+    Shrinks while decoding (see the module docstring) unless a `crop` asks for the evaluation's
+    exact pixels and, with a `budget`, waits for room for the full-size pixels first. Raises
+    ImageLoadError naming the file on a decoding failure.
     """
     h, w = image_shape[:2]
     name = Path(getattr(img, "filename", "") or "<image>")
     try:
         with img:
-            img.draft(None, (REDUCE_GAP * w, REDUCE_GAP * h))  # JPEG: decode at 1/2..1/8 size
+            if crop is None:  # evaluation decodes in full: a draft would change the pixels
+                img.draft(None, (REDUCE_GAP * w, REDUCE_GAP * h))  # JPEG: at 1/2..1/8 size
             nbytes = decoded_bytes(img)
             with budget.reserve(nbytes) if budget else contextlib.nullcontext():
                 try:
                     img.load()  # decode now: a truncated file fails here, not later in a batch
+                    if crop is not None:
+                        return to_model_array(img, image_shape, background, crop)
                     small = shrink_for(img, image_shape)
                     return to_model_array(small, image_shape, background)
                 finally:
@@ -193,16 +236,26 @@ def decode(img: Image.Image, image_shape: Sequence[int],
 
 
 def to_model_array(img: Image.Image, image_shape: Sequence[int],
-                   background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+                   background: tuple[int, int, int] = (255, 255, 255),
+                   crop: CenterCrop | None = None) -> np.ndarray:
     """A PIL image as uint8 [H, W, C] for a model trained on `image_shape` (C is 1 or 3).
 
     Transparency is composited over `background` (white by default), colour is converted with
     Pillow (`convert("L")` uses ITU-R 601-2 luma; grayscale is replicated to RGB), and the
-    image is resized (bilinear, aspect ratio not kept) to the training H x W.
+    image is resized (bilinear, aspect ratio not kept) to the training H x W. With a `crop`,
+    the image is converted as the streaming pipeline's evaluation converts it instead: to
+    grayscale or RGB by its own mode, resized and centre-cropped, then to C channels.
     """
     h, w, c = image_shape
     if c not in (1, 3):
         raise ValueError(f"models with {c} input channels are not supported (only 1 or 3)")
+    if crop is not None:
+        if (h, w) != (crop.size, crop.size):
+            raise ValueError(f"a centre crop of {crop.size} px cannot feed a model trained on "
+                             f"{h}x{w} images")
+        out = image_ops.resize_center_crop(as_gray_or_rgb(img, background), crop.size,
+                                           crop.resize)
+        return np.ascontiguousarray(image_ops.channels(out, c))
     img = narrow_wide_gray(flatten_alpha(img, background))
     mode = "L" if c == 1 else "RGB"
     if img.mode != mode:
@@ -214,8 +267,10 @@ def to_model_array(img: Image.Image, image_shape: Sequence[int],
 
 
 def load_image(source: ImageInput, image_shape: Sequence[int],
-               background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-    """A file path, PIL image or uint8 array as uint8 [H, W, C] at the model's shape.
+               background: tuple[int, int, int] = (255, 255, 255),
+               crop: CenterCrop | None = None) -> np.ndarray:
+    """A file path, PIL image or uint8 array as uint8 [H, W, C] at the model's shape (see
+    `to_model_array` for `crop`).
 
     Arrays already at `image_shape` pass through unchanged (no resampling, so pixels from a
     dataset give exactly the dataset's predictions); other uint8 arrays go through Pillow.
@@ -231,5 +286,5 @@ def load_image(source: ImageInput, image_shape: Sequence[int],
             raise ValueError(f"an image array must be [H, W] or [H, W, C], got {source.shape}")
         source = Image.fromarray(source)
     elif not isinstance(source, Image.Image):
-        return decode(open_lazy(source), image_shape, background)
-    return to_model_array(source, image_shape, background)
+        return decode(open_lazy(source), image_shape, background, crop=crop)
+    return to_model_array(source, image_shape, background, crop)

@@ -13,6 +13,7 @@ from flax import nnx
 from resnet_jax.data import DataSpec, NormStats
 from resnet_jax.inference.classifier import DEFAULT_BATCH_SIZE, Classifier
 from resnet_jax.inference.export import fill_tree, flatten_names, read_export
+from resnet_jax.inference.images import CenterCrop
 
 
 def from_run(workdir: str | Path, step: int | None = None, best: bool = False,
@@ -20,7 +21,8 @@ def from_run(workdir: str | Path, step: int | None = None, best: bool = False,
     """A classifier from a run directory's checkpoint (the newest, `step`, or the best).
 
     Needs nothing but the run directory: class names, image shape and normalisation come from
-    its dataset spec (runs written before the spec existed load their dataset instead).
+    its dataset spec (runs written before the spec existed load their dataset instead), and a
+    run trained at `config.data.image_size` converts images with its evaluation's centre crop.
     """
     from resnet_jax.train import restore_model
 
@@ -28,7 +30,8 @@ def from_run(workdir: str | Path, step: int | None = None, best: bool = False,
     return Classifier(model_config=config.model, spec=spec, params=state.params,
                       batch_stats=state.batch_stats, stats=stats, graphdef=eval_def,
                       step=int(state.step), source=str(Path(workdir).absolute()),
-                      batch_size=batch_size, mesh=mesh)
+                      batch_size=batch_size, mesh=mesh,
+                      center_crop=CenterCrop.for_data(config.data))
 
 
 def load(path: str | Path, step: int | None = None, best: bool = False,
@@ -73,7 +76,9 @@ def load_export(path: str | Path, batch_size: int | None = None) -> Classifier:
         raise ValueError(f"{path}: unexpected tensors {extra[:5]}; the file does not match its "
                          "own model config.")
     stats = NormStats(tensors["normalization/mean"], tensors["normalization/std"])
+    crop = meta.get("center_crop")
+    crop = None if crop is None else CenterCrop.from_json(crop, str(path))
     return Classifier(model_config=config.model, spec=spec, params=params,
                       batch_stats=batch_stats, stats=stats, graphdef=eval_def,
                       step=meta.get("step"), source=str(path.absolute()),
-                      batch_size=batch_size or DEFAULT_BATCH_SIZE)
+                      batch_size=batch_size or DEFAULT_BATCH_SIZE, center_crop=crop)
