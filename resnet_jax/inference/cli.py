@@ -37,7 +37,9 @@ def register(sub) -> None:
     p = sub.add_parser("predict", help="classify image files",
                        description="Classify images (files or folders, searched recursively) "
                        "with a run's checkpoint or an exported model. Images are converted to "
-                       "the training size and channels and normalised like the training data.")
+                       "the training size and channels and normalised like the training data; "
+                       "a run trained at config.data.image_size resizes and centre-crops them "
+                       "exactly as its evaluation did.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="run directory")
     src.add_argument("--model", help="a model file written by `resnet-jax export`")
