@@ -174,3 +174,18 @@ def test_evaluate_refuses_data_whose_classes_changed(streamed_run, capsys):
         shutil.rmtree(extra)
     err = capsys.readouterr().err
     assert "n99999999" in err and f"trained on classes {list(CLASSES)}" in err
+
+
+def test_a_run_that_auto_streamed_for_lack_of_device_memory_is_scored_streamed(tmp_path):
+    from resnet_jax.config import default_config
+    from resnet_jax.inference.evaluate import trained_streamed
+
+    config = default_config()  # cifar10, pipeline "auto", no image_size: resident by config
+    assert not trained_streamed(tmp_path, config)  # no versions.json (an older run)
+    for pipeline, streamed in (("device", False), ("stream", True)):
+        (tmp_path / "versions.json").write_text(json.dumps({"pipeline": pipeline}))
+        assert trained_streamed(tmp_path, config) is streamed
+    (tmp_path / "versions.json").write_text('{"pipe')  # damaged: the config decides
+    assert not trained_streamed(tmp_path, config)
+    config.data.image_size = 32
+    assert trained_streamed(tmp_path, config)

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from resnet_jax.data import DataSpec, NormStats
-from resnet_jax.rundir.files import atomic_write, atomic_write_json
+from resnet_jax.rundir.files import atomic_write, atomic_write_json, read_json
 from resnet_jax.rundir.metrics import find_record
 
 SPLITS = ("test", "validation")
@@ -70,6 +70,20 @@ def plot_confusion(cm: np.ndarray, class_names: tuple[str, ...], title: str,
         plt.close(fig)
 
 
+def trained_streamed(workdir: str | Path, config: ml_collections.ConfigDict) -> bool:
+    """Whether the run's input was streamed: its config resolves to the stream, or "auto" fell
+    back to it for lack of device memory (versions.json's `pipeline` says so)."""
+    from resnet_jax.data.stream import resolve_pipeline
+
+    if resolve_pipeline(config.data) == "stream":
+        return True
+    try:
+        versions = read_json(Path(workdir) / "versions.json", "versions file")
+    except (OSError, ValueError):  # absent (older runs) or damaged: the config decides
+        return False
+    return isinstance(versions, dict) and versions.get("pipeline") == "stream"
+
+
 def check_same_data(name: str, found: DataSpec, trained: DataSpec) -> None:
     """Raises ValueError unless the data found now has the run's classes and image shape, so
     that labels mean what they meant in training."""
@@ -119,7 +133,6 @@ def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = Fals
     step and split (if any), and the paths of the JSON file and the confusion-matrix PNG.
     """
     from resnet_jax.data import load_split, replicate
-    from resnet_jax.data.stream import resolve_pipeline
     from resnet_jax.train import evaluate_split, make_eval_step, restore_model
     from resnet_jax.train.evaluation import evaluate_batches
 
@@ -134,7 +147,7 @@ def evaluate_run(workdir: str | Path, step: int | None = None, best: bool = Fals
     eval_step = jax.jit(make_eval_step(eval_def))
     # Same batch size and replicated stats as the training loop: identical batches, same sums.
     # Only the scored split's data is read; the statistics are the run's own.
-    if resolve_pipeline(config.data) == "stream":
+    if trained_streamed(workdir, config):
         batches, size, read_labels = streamed_split(config, split, spec, stats, mesh)
         r = evaluate_batches(eval_step, state, batches, replicate(stats, mesh), size,
                              return_logits=True)
