@@ -198,6 +198,12 @@ class _Decoder:
                 "resize images of any size")
         return image
 
+    def center(self, name: str, image) -> np.ndarray:
+        """The resize and centre crop to `size` (file bytes decoded no larger than it needs)."""
+        if isinstance(image, bytes):
+            return image_ops.decode_resize_center_crop(image, name, self.size)
+        return image_ops.resize_center_crop(self.pil(name, image), self.size)
+
     def finish(self, image: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(image_ops.channels(image, self.shape[2]))
 
@@ -214,11 +220,12 @@ class TrainImage(_Decoder):
         name, image, label = record
         if self.size is None:
             return self.finish(self.array(name, image)), np.int32(label)
-        img = self.pil(name, image)
-        if self.crop:
-            out = image_ops.random_resized_crop(img, rng, self.size)
+        if not self.crop:
+            out = self.center(name, image)
+        elif isinstance(image, bytes):  # decoded no larger than the crop needs
+            out = image_ops.decode_random_resized_crop(image, name, rng, self.size)
         else:
-            out = image_ops.resize_center_crop(img, self.size)
+            out = image_ops.random_resized_crop(self.pil(name, image), rng, self.size)
         if self.flip:
             out = image_ops.random_flip(out, rng)
         return self.finish(out), np.int32(label)
@@ -239,7 +246,7 @@ class EvalImage(_Decoder):
         if self.size is None:
             out = self.array(name, image)
         else:
-            out = image_ops.resize_center_crop(self.pil(name, image), self.size)
+            out = self.center(name, image)
         return self.finish(out), np.int32(label), np.bool_(True)
 
 
