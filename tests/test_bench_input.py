@@ -46,13 +46,15 @@ def test_input_rows_time_the_library_stream_with_a_clock_of_known_ticks(tmp_path
 
     monkeypatch.setattr(image_ops, "decode_random_resized_crop", counted)
     # A warm-up window and 2 timed ones, each 1 thread (1 batch) then 2 threads (2 batches):
-    # timed windows last 0.5 and 1.0 s (1 thread), 0.5 and 0.3 s (2 threads, 2 batches).
+    # timed windows last 0.5 and 1.0 s (1 thread), 0.5 and 0.3 s (2 threads, 2 batches), and
+    # use 0.4, 0.8, 0.8, 0.4 s of CPU time.
     ticks = iter([0, 9, 10, 19,  20, 20.5, 30, 30.5,  40, 41.0, 50, 50.3])
-    monkeypatch.setattr(input_pipeline, "time",
-                        types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    cpu = iter([0, 1, 2, 3,  4, 4.4, 5, 5.8,  6, 6.8, 7, 7.4])
+    monkeypatch.setattr(input_pipeline, "time", types.SimpleNamespace(
+        perf_counter=lambda: next(ticks), process_time=lambda: next(cpu)))
     report = bench_input(str(tmp_path), batch_size=4, image_size=16, threads=2, windows=2,
                          batches_per_thread=1)
-    assert next(ticks, None) is None
+    assert next(ticks, None) is None and next(cpu, None) is None
     assert sizes == [16] * (3 * (1 + 2) * 4)  # 3 windows x 3 batches x 4 images
     one, two = report["rows"]
     assert (one["threads"], two["threads"]) == (1, 2)
@@ -60,7 +62,11 @@ def test_input_rows_time_the_library_stream_with_a_clock_of_known_ticks(tmp_path
     np.testing.assert_allclose(two["step_s_windows"], [0.25, 0.15])
     assert one["images_per_s"] == pytest.approx(4 / 0.75)  # median 0.75 s per batch
     assert two["images_per_s"] == pytest.approx(20.0)  # median 0.2 s per batch of 4
-    assert report["images_per_s_per_core"] == pytest.approx(10.0)  # 20 img/s over 2 threads
+    assert two["images_per_s_per_thread"] == pytest.approx(10.0)
+    np.testing.assert_allclose(two["cpu_s_windows"], [0.4, 0.2])  # per batch
+    assert one["images_per_cpu_s"] == pytest.approx(4 / 0.6)  # median 0.6 CPU-s per batch
+    # Per core: 4 images per 0.3 CPU-s (median) at 2 threads.
+    assert report["images_per_s_per_core"] == pytest.approx(4 / 0.3)
     assert report["num_train"] == 12
 
 
@@ -72,15 +78,15 @@ def test_report_states_the_cores_needed_to_feed_the_gpu():
                             "mean_file_bytes": 80 * 1024},
               "rows": [{"threads": 1, "batch_size": 128, "images_per_s": 260.0,
                         "images_per_s_min": 250.0, "images_per_s_max": 270.0,
-                        "images_per_s_per_thread": 260.0},
+                        "images_per_s_per_thread": 260.0, "images_per_cpu_s": 262.0},
                        {"threads": 16, "batch_size": 128, "images_per_s": 4000.0,
                         "images_per_s_min": 3900.0, "images_per_s_max": 4100.0,
-                        "images_per_s_per_thread": 250.0}],
+                        "images_per_s_per_thread": 250.0, "images_per_cpu_s": 250.0}],
               "feeding": [{"model": "resnet50", "dtype": "bfloat16",
                            "train_images_per_s": 3000.0, "cores_needed": 12.0}]}
     lines = format_input_pipeline(report)
     assert "256 generated JPEGs, 300-500 px, q90, mean 80 KB" in lines[1]
-    assert lines[4].split() == ["16", "4000", "[3900-4100]", "250"]
+    assert lines[4].split() == ["16", "4000", "[3900-4100]", "250", "250"]
     assert lines[-1] == ("CPU cores needed to feed it: resnet50 bfloat16 train 3000 img/s / "
                          "250 img/s per core = 12.0 cores")
     assert format_input_pipeline(None) == []

@@ -6,7 +6,8 @@ over an ImageNet-layout class folder, with the training transform (random-resize
 of the user's, the bench writes a small one in a temporary directory: photo-like JPEGs of mixed
 sizes (default 300-500 px sides, quality 90: file sizes like ImageNet's). Files are read from
 the page cache after the first window, so this is the CPU cost of decoding and cropping, not
-the disk's.
+the disk's. img/s per CPU core counts this process's CPU time, so other jobs on the machine
+do not lower it; `cores_needed` divides a train step's img/s by it.
 """
 
 from __future__ import annotations
@@ -90,28 +91,32 @@ def stream_config(data_dir: str, image_size: int, threads: int):
     return config
 
 
-def time_window(ds, threads: int) -> float:
-    """Seconds to read every batch of `ds` (a slice of the training batches) with a fresh
-    iterator of `threads` threads: a warm iterator's prefetched batches would count as free."""
+def time_window(ds, threads: int) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) to read every batch of `ds` (a slice of the
+    training batches) with a fresh iterator of `threads` threads: a warm iterator's prefetched
+    batches would count as free."""
     from resnet_jax.data import stream
 
     iterator = stream.iterate(ds, threads)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     count = sum(1 for _ in iterator)
-    elapsed = time.perf_counter() - t
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
     close = getattr(iterator, "close", None)
     if close is not None:
         close()
     if count != len(ds):
         raise RuntimeError(f"the input window read {count} batches, expected {len(ds)}")
-    return elapsed
+    return elapsed, cpu
 
 
 def bench_input(data_dir: str, *, batch_size: int, image_size: int, threads: int | None,
                 windows: int, batches_per_thread: int, seed: int = 0) -> dict:
     """img/s of the streaming training pipeline over `data_dir` at 1 thread and at `threads`
     (None: config.data.stream_threads' default, one per CPU), in alternating windows of
-    `batches_per_thread` x threads batches, after one untimed warm-up window each."""
+    `batches_per_thread` x threads batches, after one untimed warm-up window each.
+
+    Per CPU core is images per second of this process's CPU time (all its threads): unlike
+    wall-clock img/s / threads it does not fall when other processes share the cores."""
     from resnet_jax.data import stream
 
     config = stream_config(data_dir, image_size, threads or 0)
@@ -120,15 +125,17 @@ def bench_input(data_dir: str, *, batch_size: int, image_size: int, threads: int
     ds = stream.train_dataset(splits, batch_size, seed)
     counts = sorted({1, n})
     times = {c: [] for c in counts}
+    cpu_times = {c: [] for c in counts}
     start = 0
     load = [os.getloadavg()[0]]
     for window in range(windows + 1):  # window 0 warms the page cache and the code paths
         for c in counts:
             length = batches_per_thread * c
-            seconds = time_window(ds[start:start + length], c)
+            seconds, cpu = time_window(ds[start:start + length], c)
             start += length
             if window:
                 times[c].append(seconds / length)  # per batch
+                cpu_times[c].append(cpu / length)
     load.append(os.getloadavg()[0])
     rows = []
     for c in counts:
@@ -140,13 +147,15 @@ def bench_input(data_dir: str, *, batch_size: int, image_size: int, threads: int
                      "images_per_s": batch_size / med,
                      "images_per_s_min": batch_size / max(times[c]),
                      "images_per_s_max": batch_size / min(times[c]),
-                     "images_per_s_per_thread": batch_size / med / c})
+                     "images_per_s_per_thread": batch_size / med / c,
+                     "cpu_s_windows": cpu_times[c],
+                     "images_per_cpu_s": batch_size / statistics.median(cpu_times[c])})
     return {"data_dir": str(data_dir), "num_train": splits.spec.num_train,
             "image_size": image_size, "transform": "random-resized crop + flip",
             "rows": rows, "threads": n, "cpu_count": os.cpu_count(),
             "load_average": load,
-            # Per core: the most threads measured, each on its own core (threads <= CPUs).
-            "images_per_s_per_core": rows[-1]["images_per_s_per_thread"]}
+            # Per core: at the most threads measured, as the pipeline runs them.
+            "images_per_s_per_core": rows[-1]["images_per_cpu_s"]}
 
 
 @contextmanager
