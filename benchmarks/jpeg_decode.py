@@ -12,7 +12,8 @@ For each generated photo-like JPEG (resnet_jax.bench.input_pipeline.photo_like, 
 
 Prints img/s per variant (median and range over windows) and paired ratios against the full
 decode, measured in the same windows, and the mean absolute pixel difference of each variant's
-output from the full decode's (0..255 scale):
+output from the full decode's (0..255 scale), beside that of a bicubic resize of the full decode
+(`--windows 0`: only these differences):
 
     python benchmarks/jpeg_decode.py --images 120 --windows 7 --sides 300,500
     python benchmarks/jpeg_decode.py --images 40 --windows 7 --sides 800,1600
@@ -94,6 +95,18 @@ def main() -> None:
         diffs = [np.mean(np.abs(np.asarray(fns[name](i), np.int16) - ref(i))) for i in range(n)]
         print(f"{name:24s} mean abs diff from the full decode: mean {np.mean(diffs):.2f}, "
               f"max over images {np.max(diffs):.2f}")
+    # For scale: two standard resamplings of one full decode differ by this much too.
+    def bicubic(i):
+        img = open_image(files[i], "x")
+        box = image_ops.center_crop_box(img.width, img.height, SIZE)
+        return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=box))
+
+    diffs = [np.mean(np.abs(bicubic(i).astype(np.int16) - fns["eval full"](i)))
+             for i in range(n)]
+    print(f"{'eval bicubic (reference)':24s} mean abs diff from the full decode: mean "
+          f"{np.mean(diffs):.2f}, max over images {np.max(diffs):.2f}")
+    if args.windows < 1:
+        return
     times = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn(0)
