@@ -387,3 +387,25 @@ def test_channels_do_not_hang_on_the_first_file(imagenet_dir, tmp_path):
     for path in (data / "train").rglob("*.*"):
         Image.open(path).convert("L").save(path, format="PNG" if path.suffix == ".png" else None)
     assert streaming.open_stream(as_folder.data).spec.image_shape == (16, 16, 1)
+
+
+def test_evaluation_decodes_in_full_so_predict_sees_the_same_pixels():
+    """Training crops of large JPEGs may be decoded at a reduced scale; the evaluation crop is
+    always the full decode's (what predict computes), bitwise."""
+    import io
+
+    from resnet_jax.data.folders import open_image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 600)[None, :, None] * np.ones((560, 1, 3))
+    photo = np.clip(ramp + rng.normal(0, 20, (560, 600, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "JPEG", quality=90)
+    records = [("big.jpg", buf.getvalue(), 0)]
+    spec = DataSpec("image_folder", "folder", 1, (64, 64, 3), ("a",), 1, 0, 1)
+    image, label, mask = streaming.EvalImage(records, spec, 64)(0)
+    full = image_ops.resize_center_crop(open_image(buf.getvalue(), "big.jpg"), 64)
+    np.testing.assert_array_equal(image, full)
+    # The draft path exists and would differ: 600x560 at a 64 px crop decodes at 1/4 or 1/8.
+    assert not np.array_equal(image_ops.decode_resize_center_crop(buf.getvalue(), "big.jpg", 64),
+                              full)

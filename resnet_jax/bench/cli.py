@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -57,7 +58,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "resnet_jax.backends.xla_flags's choice)")
     ap.add_argument("--no-cpu-flags", action="store_true",
                     help="leave XLA_FLAGS as they are (measure XLA's defaults)")
-    return ap.parse_args(argv)
+    ap.add_argument("--image-size", type=_positive, default=224,
+                    help="input size of the ImageNet-family models (resnet18..152) and of the "
+                    "input pipeline's crops")
+    ap.add_argument("--no-input-pipeline", dest="input_pipeline", action="store_false",
+                    help="skip the streaming input pipeline's rows")
+    ap.add_argument("--input-dir", default=None,
+                    help="an ImageNet-layout class folder (train/<class>/*.JPEG) for the input "
+                    "pipeline's rows (default: generate --input-images JPEGs in a temp dir)")
+    ap.add_argument("--input-images", type=_positive, default=256,
+                    help="JPEGs generated for the input pipeline's rows (300-500 px, q90)")
+    ap.add_argument("--input-threads", type=_positive, default=None,
+                    help="the input pipeline's threads besides 1 (default: "
+                    "config.data.stream_threads' default, one per CPU)")
+    ap.add_argument("--input-batches-per-thread", type=_positive, default=3,
+                    help="batches per thread in each timed window of the input pipeline")
+    args = ap.parse_args(argv)
+    if args.input_dir is not None:
+        # Checked here, before the models' rows spend minutes: the folder is read last.
+        # (Not resnet_jax.data's own check: importing it imports jax before configure_cpu.)
+        path = Path(args.input_dir).expanduser()
+        if not (path.is_file() or (path / "train").is_dir()
+                or any((d / "train").is_dir() for d in _subdirs(path))):
+            ap.error(f"--input-dir {args.input_dir!r} is not a class folder: it needs "
+                     "train/<class>/*.JPEG (directly or under one top folder), or a .tar of it")
+    return args
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return [d for d in path.iterdir() if d.is_dir()] if path.is_dir() else []
+
+
+def _positive(s: str) -> int:
+    value = int(s)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {s}")
+    return value
 
 
 def _fmt(x: Any, spec: str = ".1f") -> str:
@@ -101,6 +137,10 @@ def format_report(report: dict) -> str:
                 f"{'':<10} {'':<8} {'':<5} {'torch.compile':>32} {tc['images_per_s']:>21.1f} "
                 f"ours/compiled {r['ratio_vs_torch_compile']:.2f} "
                 f"[{r['ratio_vs_torch_compile_min']:.2f}-{r['ratio_vs_torch_compile_max']:.2f}]")
+        if r.get("streamed") and r["step"] == "train":
+            notes.append(f"{r['model']} {r['dtype']}: the imagenet_resnet50 preset, 1000 "
+                         f"classes, {r['image_size']} px batches as the streaming pipeline "
+                         "delivers them (cropped on the host, normalised in the step)")
         if "fraction_of_device_flops" in r or "fraction_of_device_bytes" in r:
             notes.append(f"{r['model']} {r['dtype']} {r['step']}: "
                          f"{_fmt(100 * r.get('fraction_of_device_flops', 0), '.1f')}% of the "
@@ -134,6 +174,7 @@ def format_report(report: dict) -> str:
                 f"{r['trace_and_compile_s']:>9.1f} {ms:>22} {r['images_per_s']:>8.0f} "
                 f"{f'{proj / 60:.1f} min ({proj / 3600:.2f} h)':>22}"
             )
+    lines += format_input_pipeline(report.get("input_pipeline"))
     compile_rows = report["compile_only"]
     if compile_rows:
         base = compile_rows[0]["trace_and_compile_s"]
@@ -152,6 +193,36 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_input_pipeline(inp: dict | None) -> list[str]:
+    """The input pipeline's table and the cores each ImageNet train row needs (no lines when
+    the report has no input rows)."""
+    if not inp:
+        return []
+    gen = inp.get("generated")
+    source = (f"{gen['images']} generated JPEGs, {gen['sides'][0]}-{gen['sides'][1]} px, "
+              f"q{gen['quality']}, mean {gen['mean_file_bytes'] / 1024:.0f} KB" if gen
+              else f"{inp['num_train']} images in {inp['data_dir']}")
+    rows = inp["rows"]
+    load = inp.get("load_average") or []
+    lines = ["", f"input pipeline (resnet_jax.data.stream, {inp['transform']} to "
+             f"{inp['image_size']} px, batch {rows[0]['batch_size']}; {source}):",
+             f"{'threads':>7} {'img/s [min-max]':>22} {'img/s per thread':>16} "
+             f"{'img/s per CPU-s':>15}"]
+    for r in rows:
+        rate = (f"{r['images_per_s']:.0f} [{r['images_per_s_min']:.0f}-"
+                f"{r['images_per_s_max']:.0f}]")
+        lines.append(f"{r['threads']:>7} {rate:>22} {r['images_per_s_per_thread']:>16.0f} "
+                     f"{r['images_per_cpu_s']:>15.0f}")
+    lines.append(f"img/s per CPU core: {inp['images_per_s_per_core']:.0f} (images per second "
+                 f"of CPU time at {rows[-1]['threads']} thread(s); {inp['cpu_count']} CPU(s)"
+                 + (f", load average {load[0]:.1f} -> {load[-1]:.1f}" if load else "") + ")")
+    for f in inp.get("feeding") or []:
+        lines.append(f"CPU cores needed to feed it: {f['model']} {f['dtype']} train "
+                     f"{f['train_images_per_s']:.0f} img/s / {inp['images_per_s_per_core']:.0f} "
+                     f"img/s per core = {f['cores_needed']:.1f} cores")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `resnet-jax bench`; returns the process exit status."""
     args = parse_args(argv)
@@ -168,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup, scan_blocks=args.scan_blocks, remat=args.remat,
         data_steps=args.data_steps, run_compile_only=args.run_compile_only,
         steps_per_call=args.steps_per_call, loop_calls=args.loop_calls,
-        backend=args.backend,
+        backend=args.backend, image_size=args.image_size, input_pipeline=args.input_pipeline,
+        input_dir=args.input_dir, input_images=args.input_images,
+        input_threads=args.input_threads,
+        input_batches_per_thread=args.input_batches_per_thread,
     )
     report = run(cfg)
     print(format_report(report))

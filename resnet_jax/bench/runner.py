@@ -55,6 +55,15 @@ class BenchConfig:
     steps_per_call: int | None = None
     loop_calls: int = 2  # host calls per timed window of the loop rows
     backend: str = "auto"  # the layers' implementation (resnet_jax.backends)
+    # ImageNet-family models (resnet18..152) train on streamed `image_size` px batches.
+    image_size: int = 224
+    # The streaming input pipeline's rows (resnet_jax.bench.input_pipeline): a class folder of
+    # the user's, else `input_images` generated JPEGs; threads None: one per CPU.
+    input_pipeline: bool = True
+    input_dir: str | None = None
+    input_images: int = 256
+    input_threads: int | None = None
+    input_batches_per_thread: int = 3
 
 
 def torch_device() -> str:
@@ -64,6 +73,12 @@ def torch_device() -> str:
 
 def _depth(name: str) -> int:
     return parse_name(name)[1]
+
+
+def streams(name: str) -> bool:
+    """True for the ImageNet families: their train step takes streamed batches (the host
+    decodes and crops; `imagenet_resnet50` preset), not a resident split."""
+    return parse_name(name)[0].startswith("imagenet_")
 
 
 def _remat(cfg: BenchConfig, name: str) -> bool:
@@ -162,17 +177,72 @@ class LibraryStep:
     train_block: Callable[[int], Any]  # steps per call -> the jitted `jit_train_block`
     eval_step: Any  # jitted `eval_step(state, x_u8, y, mask, stats)`
     backend: str
+    # `data` is one streamed batch `(images [1, B, S, S, C], labels [1, B], stats)` (ImageNet
+    # families), not a resident split.
+    streamed: bool = False
+
+
+def step_config(cfg: BenchConfig, name: str, dtype: str, *, scan_blocks: bool, remat: bool,
+                backend: str | None = None):
+    """The training config the bench times `name` with: its paper preset (CIFAR), or for the
+    ImageNet families the `imagenet_resnet50` preset at `cfg.image_size` px; the bench's
+    dtype, batch size and layer options over it."""
+    from resnet_jax.configs._paper import paper_config
+
+    family, depth = parse_name(name)[:2]
+    if streams(name):
+        from resnet_jax.configs.imagenet_resnet50 import get_config as imagenet_config
+
+        config = imagenet_config()
+        config.model.family = family
+        config.model.depth = depth
+        config.data.image_size = cfg.image_size
+    else:
+        config = paper_config(family, depth)
+    config.model.dtype = dtype
+    config.model.scan_blocks = scan_blocks
+    config.model.remat = remat
+    config.model.backend = backend or cfg.backend
+    config.train.batch_size = cfg.batch_size
+    return config
+
+
+def synthetic_data(cfg: BenchConfig, streamed: bool, mesh, num_train: int) -> tuple:
+    """(spec, data) of random uint8 images on the devices: a resident 32x32 CIFAR-like split of
+    `num_train` images, or with `streamed` one ImageNet-like batch of `cfg.image_size` px as
+    the streaming pipeline delivers it, `(images [1, B, S, S, 3], labels [1, B], stats)`."""
+    from resnet_jax.data import DataSpec, replicate
+    from resnet_jax.data.preprocess import NormStats, imagenet_stats
+
+    rng = np.random.RandomState(0)
+    if streamed:
+        size, classes = cfg.image_size, 1000
+        spec = DataSpec("synthetic", "random", classes, (size, size, 3),
+                        tuple(map(str, range(classes))), num_train, 0, 0)
+        images = rng.randint(0, 256, (1, cfg.batch_size, size, size, 3), np.uint8)
+        labels = rng.randint(0, classes, (1, cfg.batch_size)).astype(np.int32)
+        # Placed as resnet_jax.train.inputs.StreamInput.block places a block of batches.
+        return spec, (*jax.device_put((images, labels), NamedSharding(mesh, P(None, "data"))),
+                      replicate(imagenet_stats(3), mesh))
+    spec = DataSpec("synthetic", "random", 10, (32, 32, 3), tuple(map(str, range(10))),
+                    num_train, 0, 0)
+    images = rng.randint(0, 256, (num_train, 32, 32, 3), np.uint8)
+    labels = rng.randint(0, 10, num_train).astype(np.int32)
+    stats = NormStats(np.full((32, 32, 3), 120.0, np.float32), np.full((3,), 64.0, np.float32))
+    return spec, replicate((images, labels, stats), mesh)
 
 
 def library_step(cfg: BenchConfig, name: str, dtype: str, *, scan_blocks: bool, remat: bool,
                  backend: str | None = None, num_train: int = 4096) -> LibraryStep:
     """The paper preset of `name` with the bench's overrides, its state on the devices and a
     synthetic uint8 training split resident there (crop+flip run inside the step, as in
-    training). The timed function is `resnet_jax.train.loop.jit_train_block` itself."""
+    training). The timed function is `resnet_jax.train.loop.jit_train_block` itself.
+
+    ImageNet families (resnet18..152) take the `imagenet_resnet50` preset instead (1000 classes,
+    its optimiser), at `cfg.image_size` px, and `data` is one synthetic streamed batch on the
+    devices, as the streaming pipeline delivers it (already cropped and flipped on the host).
+    """
     from resnet_jax.backends import select
-    from resnet_jax.configs._paper import paper_config
-    from resnet_jax.data import DataSpec, replicate
-    from resnet_jax.data.preprocess import NormStats
     from resnet_jax.train.loop import jit_train_block
     from resnet_jax.train.loop import make_mesh as train_mesh
     from resnet_jax.train.optim import make_optimizer, make_schedule
@@ -180,22 +250,12 @@ def library_step(cfg: BenchConfig, name: str, dtype: str, *, scan_blocks: bool, 
     from resnet_jax.train.state import create_state, graphdefs
     from resnet_jax.train.step import make_eval_step
 
-    family, depth = parse_name(name)[:2]
-    config = paper_config(family, depth)
-    config.model.dtype = dtype
-    config.model.scan_blocks = scan_blocks
-    config.model.remat = remat
-    config.model.backend = backend or cfg.backend
-    config.train.batch_size = cfg.batch_size
+    config = step_config(cfg, name, dtype, scan_blocks=scan_blocks, remat=remat,
+                         backend=backend)
+    streamed = streams(name)
     t = config.train
     mesh = train_mesh()
-    spec = DataSpec("synthetic", "random", 10, (32, 32, 3), tuple(map(str, range(10))),
-                    num_train, 0, 0)
-    rng = np.random.RandomState(0)
-    images = rng.randint(0, 256, (num_train, 32, 32, 3), np.uint8)
-    labels = rng.randint(0, 10, num_train).astype(np.int32)
-    stats = NormStats(np.full((32, 32, 3), 120.0, np.float32), np.full((3,), 64.0, np.float32))
-    data = replicate((images, labels, stats), mesh)
+    spec, data = synthetic_data(cfg, streamed, mesh, num_train)
     schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
     tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
     train_def, eval_def = graphdefs(config, spec)
@@ -203,14 +263,14 @@ def library_step(cfg: BenchConfig, name: str, dtype: str, *, scan_blocks: bool, 
     resolved, _ = select(config.model.backend, dtype=MODEL_DTYPES[dtype])
     return LibraryStep(
         config, mesh, state, data,
-        lambda k: jit_train_block(config, train_def, tx, schedule, mesh, k),
-        jax.jit(make_eval_step(eval_def)), resolved)
+        lambda k: jit_train_block(config, train_def, tx, schedule, mesh, k, streamed=streamed),
+        jax.jit(make_eval_step(eval_def)), resolved, streamed)
 
 
 def _eval_batch(lib: LibraryStep, batch_size: int) -> tuple:
     rep = NamedSharding(lib.mesh, P("data"))
-    x = jax.device_put(lib.data[0][:batch_size], rep)
-    y = jax.device_put(lib.data[1][:batch_size], rep)
+    x = jax.device_put(lib.data[0][0] if lib.streamed else lib.data[0][:batch_size], rep)
+    y = jax.device_put(lib.data[1][0] if lib.streamed else lib.data[1][:batch_size], rep)
     return x, y, jax.device_put(jnp.ones((batch_size,), bool), rep), lib.data[2]
 
 
@@ -265,7 +325,9 @@ def bench_model(cfg: BenchConfig, name: str, dtype: str, peak: float) -> list[di
         compiled = train if kind == "train" else evals
         row = {"model": name, "dtype": dtype, "step": kind, "batch_size": cfg.batch_size,
                "devices": n_dev, "scan_blocks": cfg.scan_blocks, "remat": remat,
-               "backend": lib.backend, **measure.summarize(ours, cfg.batch_size),
+               "backend": lib.backend, "streamed": lib.streamed,
+               "image_size": lib.config.data.get("image_size"),
+               **measure.summarize(ours, cfg.batch_size),
                **_analysis(compiled, n_dev, xla_lowered.get(kind)),
                "step_s_windows": ours, "precision": measure.jax_precision()}
         if row["flops_per_step"]:
@@ -392,7 +454,9 @@ def run(cfg: BenchConfig) -> dict:
         cfg = dataclasses.replace(
             cfg, steps_per_call=0 if jax.default_backend() == "cpu" else AUTO_STEPS_PER_CALL)
     if cfg.steps_per_call > 0:
-        for name in cfg.models:
+        # The loop rows project the paper's CIFAR run from a resident split; an ImageNet model's
+        # step takes streamed batches, which its train row above already times.
+        for name in (m for m in cfg.models if not streams(m)):
             for dtype in cfg.dtypes:
                 print(f"[bench] loop {name} {dtype} ...", file=sys.stderr, flush=True)
                 loop_rows.append(bench_loop(cfg, name, dtype))
@@ -409,6 +473,9 @@ def run(cfg: BenchConfig) -> dict:
         compile_rows.append(bench_compile_only(cfg, name))
     best_train = max((r["images_per_s"] for r in rows if r["step"] == "train"), default=None)
     data["ratio_vs_best_train"] = data["images_per_s"] / best_train if best_train else None
+    input_rows = None
+    if cfg.input_pipeline:
+        input_rows = bench_stream_input(cfg, rows)
     import os
 
     return {
@@ -427,4 +494,20 @@ def run(cfg: BenchConfig) -> dict:
         "compile_only": compile_rows,
         "loop": loop_rows,
         "data_pipeline": data,
+        "input_pipeline": input_rows,
     }
+
+
+def bench_stream_input(cfg: BenchConfig, rows: list[dict]) -> dict:
+    """The streaming pipeline's img/s on `cfg.image_size` px JPEG training batches (a generated
+    folder unless `cfg.input_dir`), and the CPU cores each ImageNet-family train row needs."""
+    from resnet_jax.bench import input_pipeline as inp
+
+    print("[bench] input pipeline ...", file=sys.stderr, flush=True)
+    with inp.input_folder(cfg.input_dir, cfg.input_images) as (folder, generated):
+        report = inp.bench_input(folder, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                                 threads=cfg.input_threads, windows=cfg.windows,
+                                 batches_per_thread=cfg.input_batches_per_thread)
+    report["generated"] = generated
+    report["feeding"] = inp.feeding(rows, report["images_per_s_per_core"])
+    return report

@@ -15,7 +15,7 @@ import io
 import os
 import tarfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -369,15 +369,43 @@ def open_image(data: bytes, name: str) -> Image.Image:
     Transparency is composited over white; 16-bit grayscale is scaled to 8 bits. Raises
     ImageDecodeError naming `name` when the bytes are not a readable image.
     """
+    return open_image_reduced(data, name, None)[0]
+
+
+def open_image_reduced(data: bytes, name: str,
+                       factor_for: Callable[[int, int], int] | None
+                       ) -> tuple[Image.Image, int]:
+    """`open_image`, letting a JPEG decode smaller: (image, the factor it was shrunk by).
+
+    `factor_for(width, height)` is called with the file's size before any pixel is decoded
+    and returns 1, 2, 4 or 8; a JPEG is then decoded at 1/factor of its size by libjpeg's
+    scaled inverse DCT (Pillow's `draft`), which costs a fraction of a full decode. Pixel x of
+    the file is at x / factor in the image. Other formats always come back at factor 1.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
+            factor = 1
+            if factor_for is not None:
+                factor = _draft(img, factor_for(*img.size))
             img.load()  # decode now, so a truncated file fails here and names itself
-            return as_gray_or_rgb(img)
+            return as_gray_or_rgb(img), factor
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{name}: not an image Pillow can read (corrupt file or not a "
                                "JPEG/PNG)") from None
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
         raise ImageDecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def _draft(img: Image.Image, factor: int) -> int:
+    """Asks the (not yet loaded) image's decoder for 1/factor of its size; the factor it took."""
+    if factor <= 1:
+        return 1
+    width = img.size[0]
+    # Pillow takes the largest power of two <= min(size // requested) as the scale.
+    drafted = img.draft(None, (img.size[0] // factor, img.size[1] // factor))
+    if drafted is None:  # not a JPEG (or several tiles): decoded at full size
+        return 1
+    return round(width / drafted[1][2])
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
