@@ -163,17 +163,41 @@ def test_export_then_load_without_the_data_gives_identical_probabilities(streame
         moved.rename(data)
 
 
-def test_evaluate_refuses_data_whose_classes_changed(streamed_run, capsys):
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_evaluate_refuses_data_whose_classes_changed(streamed_run, capsys, split):
+    """A class the run never saw: in train/ it changes the validation split's labels, in val/
+    the test split's; scoring the affected split is refused, naming the folder."""
     workdir, data = streamed_run
-    extra = data / "train" / "n99999999"
+    extra = data / split / "n99999999"
     extra.mkdir()
     shutil.copy(next((data / "train" / CLASSES[0]).iterdir()), extra / "0.JPEG")
+    scored = "validation" if split == "train" else "test"
     try:
-        assert main(["evaluate", "--workdir", str(workdir), "--out", str(workdir / "x")]) == 2
+        assert main(["evaluate", "--workdir", str(workdir), "--split", scored,
+                     "--out", str(workdir / "x")]) == 2
     finally:
         shutil.rmtree(extra)
     err = capsys.readouterr().err
-    assert "n99999999" in err and f"trained on classes {list(CLASSES)}" in err
+    if split == "train":
+        assert f"has classes {[*CLASSES, 'n99999999']}" in err
+        assert f"trained on classes {list(CLASSES)}" in err
+    else:
+        assert "folder val/n99999999/ is not a class of the trained run" in err
+        assert f"Expected class folders: {', '.join(CLASSES)}" in err
+
+
+def test_scoring_the_test_split_needs_only_its_folder(streamed_run, capsys, tmp_path):
+    """train/ moved away: the test split is still scored (every image), as for a resident run."""
+    workdir, data = streamed_run
+    before = evaluate_run(workdir, split="test", out_dir=tmp_path / "a")
+    moved = data.parent / "train_elsewhere"
+    (data / "train").rename(moved)
+    try:
+        after = evaluate_run(workdir, split="test", out_dir=tmp_path / "b")
+    finally:
+        moved.rename(data / "train")
+    assert after["count"] == before["count"] == 3 * HELD_OUT_PER_CLASS + 3
+    assert after["error"] == before["error"] and after["loss"] == before["loss"]
 
 
 def test_a_run_that_auto_streamed_for_lack_of_device_memory_is_scored_streamed(tmp_path):

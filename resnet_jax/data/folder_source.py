@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from resnet_jax.data.catalog import IMAGE_FOLDER
+from resnet_jax.data.catalog import DATASETS, IMAGE_FOLDER
 from resnet_jax.data.folder_cache import cache_file, read_cached, write_cached
 from resnet_jax.data.folders import (
     HELD_OUT,
@@ -187,7 +187,7 @@ def class_labels(decoded: DecodedSplit | SplitListing, classes: Sequence[str], t
         raise FolderLayoutError(
             f"{tree.path}: folder {decoded.split}/{unknown[0]}/ is not a class of {dataset} "
             f"(unexpected: {', '.join(unknown)}). Expected class folders: {expected}"
-            + ("" if dataset == IMAGE_FOLDER else
+            + ("" if dataset not in DATASETS else
                "; use config.data.name=image_folder for a dataset with other classes")
         )
     missing = [c for c in index if c not in decoded.classes]

@@ -106,6 +106,23 @@ def _folder_splits(config, info: DatasetInfo | None):
     return train, test, tuple(classes)
 
 
+def open_held_out(config: ml_collections.ConfigDict, trained: DataSpec,
+                  stats: NormStats) -> StreamSplits:
+    """The held-out split alone of a trained run's class folders: train/ is neither listed nor
+    needed, the classes and image shape are the run's (a folder outside its classes is an
+    error naming it). Other sources are opened whole, as `open_stream` does."""
+    info = None if config.name == IMAGE_FOLDER else get_info(config.name)
+    if resolve_source(info, config.source, config.data_dir) != "folder":
+        return open_stream(config, stats)
+    tree = ImageTree(config.data_dir)
+    listing = tree.list_split(HELD_OUT)
+    test = FolderRecords(tree, listing, class_labels(listing, trained.class_names, tree,
+                                                     "the trained run", require_all=False))
+    empty = test.subset(np.zeros(0, np.int64))
+    spec = dataclasses.replace(trained, num_test=len(test))
+    return StreamSplits(empty, empty, test, spec, stats, config.get("image_size"))
+
+
 def _array_splits(config, info: DatasetInfo):
     (x, y), (xt, yt), names, _ = load_raw(config.name, config.source, config.data_dir)
     return (ArrayRecords(x, y, f"{config.name}/train"), ArrayRecords(xt, yt, f"{config.name}/test"),

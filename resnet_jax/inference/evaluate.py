@@ -103,7 +103,10 @@ def streamed_split(config: ml_collections.ConfigDict, split: str, spec: DataSpec
     from resnet_jax.data import stream
     from resnet_jax.data.sharding import shard_local_batch
 
-    splits = stream.open_stream(config.data, stats=stats)  # the run's statistics: no sampling
+    if split == "test":  # class folders: only test/ (or val/) is listed and needed
+        splits = stream.open_held_out(config.data, spec, stats)
+    else:  # the validation split is carved from train/
+        splits = stream.open_stream(config.data, stats=stats)  # the run's stats: no sampling
     check_same_data(config.data.name, splits.spec, spec)
     ds, size = stream.eval_dataset(splits, split, config.train.eval_batch_size,
                                    process_index=jax.process_index(),
