@@ -409,3 +409,28 @@ def test_evaluation_decodes_in_full_so_predict_sees_the_same_pixels():
     # The draft path exists and would differ: 600x560 at a 64 px crop decodes at 1/4 or 1/8.
     assert not np.array_equal(image_ops.decode_resize_center_crop(buf.getvalue(), "big.jpg", 64),
                               full)
+
+
+def test_blocks_of_streamed_steps_equal_single_steps(tmp_path):
+    """steps_per_call=3 (GPU/TPU's auto: a lax.scan over 3 stacked batches) trains the same as
+    one step per call: the same batches, in the same order, to float rounding."""
+    from resnet_jax.train import restore_model, train_and_evaluate
+
+    states = {}
+    for k in (1, 3):
+        config = load_config("quick", ["data.pipeline=stream", "train.num_steps=6",
+                                       "train.batch_size=32", "train.log_every=3",
+                                       "train.eval_every=6", "train.checkpoint_every=6",
+                                       f"train.steps_per_call={k}", "train.eval_splits=()",
+                                       "optim.warmup_steps=0", "data.stats_images=500"])
+        train_and_evaluate(config, tmp_path / f"k{k}", interactive=False)
+        states[k] = restore_model(tmp_path / f"k{k}")[3]
+    import jax
+
+    assert int(states[1].step) == int(states[3].step) == 6
+    losses = [[r["loss"] for r in _records(tmp_path / f"k{k}") if r["split"] == "train"]
+              for k in (1, 3)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(states[1].params), jax.tree.leaves(states[3].params),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
