@@ -105,6 +105,8 @@ def test_convert_to_torchvision_file_from_an_export(tmp_path, capsys):
     meta, _ = read_export(model)
     assert meta["class_names"][:2] == ["tench", "goldfish"]
     assert meta["image_shape"] == [224, 224, 3]
+    # predict converts images as torchvision scored these weights: Resize(256), CenterCrop(224).
+    assert meta["center_crop"] == {"size": 224, "resize": 256}
     out = tmp_path / "back.pth"
     assert main(["convert", "--to", "torchvision", str(model), "--out", str(out)]) == 0
     assert "resnet18(num_classes=1000)" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from resnet_jax.convert.torch_io import read_state_dict, write_state_dict
 from resnet_jax.data import DataSpec, NormStats
 from resnet_jax.inference.classifier import Classifier
 from resnet_jax.inference.export import flatten, flatten_names
+from resnet_jax.inference.images import CenterCrop
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (akamaster.LAYOUT,
                                                                  torchvision.LAYOUT)}
@@ -97,8 +98,10 @@ def classifier_from_state_dict(state: dict[str, np.ndarray], layout: Layout,
     stats = NormStats(255.0 * np.asarray(layout.mean, np.float32),
                       255.0 * np.asarray(layout.std, np.float32))
     _, eval_def = graphdefs(config, spec)
+    crop = CenterCrop(*layout.eval_crop) if layout.eval_crop else None
     return Classifier(model_config=config.model, spec=spec, params=params,
-                      batch_stats=batch_stats, stats=stats, graphdef=eval_def, source=source)
+                      batch_stats=batch_stats, stats=stats, graphdef=eval_def, source=source,
+                      center_crop=crop)
 
 
 def convert_torch_file(path: str | Path, layout_name: str, out: str | Path,

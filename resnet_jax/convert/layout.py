@@ -24,6 +24,8 @@ class Layout:
       dataset, image_shape, mean, std: what the nets were trained on, with their input
         normalisation on the [0, 1] scale (RGB).
       class_names: the class names for a number of classes.
+      eval_crop: (size, resize) of the evaluation's centre crop (shorter side to `resize`,
+        centre `size` crop) the nets were scored with, or None for a plain resize.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Layout:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     class_names: Callable[[int], tuple[str, ...]]
+    eval_crop: tuple[int, int] | None = None
 
 
 def block_counts(keys: set[str], stages: int) -> list[int]:

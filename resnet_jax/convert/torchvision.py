@@ -82,4 +82,5 @@ LAYOUT = Layout(
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
     class_names=class_names,
+    eval_crop=(224, 256),  # torchvision's weights are scored on Resize(256) + CenterCrop(224)
 )
