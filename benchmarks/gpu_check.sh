@@ -7,19 +7,7 @@
 # Everything goes to $OUT (log.txt and the bench JSON). SMOKE=1 runs it tiny, here on CPU.
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-LOG=$OUT/log.txt
-PY=${PYTHON:-python3}
-say() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
-run() { local t=$1; shift; say "$*"; timeout "$t" "$@" 2>&1 | tee -a "$LOG"; say "exit ${PIPESTATUS[0]}"; }
-
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl 2>&1 | tail -2 | tee -a "$LOG"
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "$0")/gpu_common.sh"  # $OUT, $LOG, $PY, say, run, carried wheels
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
 versions='import importlib.metadata as m
 for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "numpy"):
@@ -27,7 +15,7 @@ for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "numpy"
     except Exception as e: print(p, "missing", e)'
 $PY -c "$versions" 2>&1 | tee -a "$LOG"
 
-preflight='from resnet_jax.platform import configure_cpu
+preflight='from resnet_jax.backends.xla_flags import configure_cpu
 print("flags", configure_cpu())
 import jax, jax.numpy as jnp
 from resnet_jax import models

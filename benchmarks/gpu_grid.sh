@@ -10,7 +10,7 @@
 #
 #   prepare here (once per session):  mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/
 #       (.data/ and .whl/ must be ignored: echo /.data/ >> .git/info/exclude), and in .whl/ the
-#       wheels of what the GPU image lacks (ml_collections, tensorboardX: see the device notes)
+#       wheels of what the GPU image lacks: bash benchmarks/gpu_wheels.sh
 #   run there: bash benchmarks/gpu_grid.sh        (carry .data and .whl; timeout_s=600)
 #   then here: tar -xzf OUT/gpu_grid_runs.tar.gz -C docs/results/gpu-grid-16k/ and commit.
 #
@@ -32,19 +32,7 @@
 # that does not fit would be).
 set -u
 OUT=${OUT:-/tmp/gpu_grid_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-LOG=$OUT/log.txt
-PY=${PYTHON:-python3}
-T0=$(date +%s)
-say() { echo "=== $(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s $*" | tee -a "$LOG"; }
-
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl 2>&1 | tail -2 | tee -a "$LOG"
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "$0")/gpu_common.sh"  # $OUT, $LOG, $PY, say, run, carried wheels
 
 if [ "${SMOKE:-0}" = 1 ]; then
   ROOT=${ROOT:-/tmp/gpu_grid_smoke}
@@ -87,7 +75,8 @@ mkdir -p "$ROOT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$LOG"
 $PY - <<'EOF' 2>&1 | tee -a "$LOG"
 import importlib.metadata as m
-for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections", "tensorboardX"):
+for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml_collections",
+          "tensorboardX"):
     try: print(p, m.version(p))
     except Exception as e: print(p, "MISSING", e)
 import jax; print(jax.devices())

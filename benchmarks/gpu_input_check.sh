@@ -5,14 +5,7 @@
 # to $OUT (log.txt and the bench JSON). SMOKE=1 runs it tiny, e.g. here on CPU.
 set -u
 OUT=${OUT:-/tmp/gpu_input_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-LOG=$OUT/log.txt
-PY=${PYTHON:-python3}
-say() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
-run() { local t=$1; shift; say "$*"; timeout "$t" "$@" 2>&1 | tee -a "$LOG"; say "exit ${PIPESTATUS[0]}"; }
-
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "$0")/gpu_common.sh"  # $OUT, $LOG, $PY, say, run, carried wheels
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$LOG"
 lscpu | grep -E "Model name|^CPU\(s\)" | tee -a "$LOG"
 grep -qw avx512f /proc/cpuinfo && say "avx512f: yes" || say "avx512f: no"

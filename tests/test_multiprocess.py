@@ -55,19 +55,18 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_two_processes_match_one_and_their_checkpoints_restore(tmp_path):
-    """2 processes x 2 devices vs 1 process x 4 devices: same mesh size, same global batch, same
-    per-device shapes, so only the cross-process collectives differ."""
-    workdir, single = tmp_path / "two_processes", tmp_path / "one_process"
+def train_two_and_one(workdir: Path, single: Path, run: list[str], **env: str) -> None:
+    """Trains `run` (helper overrides) as 2 processes x 2 devices into `workdir` and, at the same
+    time (the CPUs are shared anyway), as 1 process x 4 devices into `single`; each must reach
+    step 2."""
     port = free_port()
     procs = [subprocess.Popen(
-        [sys.executable, str(HELPER), str(workdir), *RUN], cwd=ROOT,
+        [sys.executable, str(HELPER), str(workdir), *run], cwd=ROOT,
         env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                 JAX_PROCESS_ID=str(pid)),
+                 JAX_PROCESS_ID=str(pid), **env),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
-    # The single-process reference runs at the same time (the CPUs are shared anyway).
     procs.append(subprocess.Popen(
-        [sys.executable, str(HELPER), str(single), *RUN], cwd=ROOT, env=_env(4),
+        [sys.executable, str(HELPER), str(single), *run], cwd=ROOT, env=_env(4, **env),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
@@ -81,6 +80,13 @@ def test_two_processes_match_one_and_their_checkpoints_restore(tmp_path):
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
         assert "MARK done 2" in out
+
+
+def test_two_processes_match_one_and_their_checkpoints_restore(tmp_path):
+    """2 processes x 2 devices vs 1 process x 4 devices: same mesh size, same global batch, same
+    per-device shapes, so only the cross-process collectives differ."""
+    workdir, single = tmp_path / "two_processes", tmp_path / "one_process"
+    train_two_and_one(workdir, single, RUN)
     versions = json.loads((workdir / "versions.json").read_text())
     assert versions["process_count"] == 2 and len(versions["devices"]) == 4
 
@@ -125,27 +131,7 @@ def test_two_processes_stream_their_rows_and_match_one(tmp_path):
     run = stream_run(data, num_steps=2)
     preset = {"RESNET_JAX_TEST_PRESET": "imagenet_resnet50"}
     workdir, single = tmp_path / "two_processes", tmp_path / "one_process"
-    port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, str(HELPER), str(workdir), *run], cwd=ROOT,
-        env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                 JAX_PROCESS_ID=str(pid), **preset),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
-    procs.append(subprocess.Popen(
-        [sys.executable, str(HELPER), str(single), *run], cwd=ROOT, env=_env(4, **preset),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=420)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-        assert "MARK done 2" in out
+    train_two_and_one(workdir, single, run, **preset)
     versions = json.loads((workdir / "versions.json").read_text())
     assert versions["process_count"] == 2 and versions["pipeline"] == "stream"
 
