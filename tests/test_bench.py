@@ -49,6 +49,9 @@ def test_report_projects_the_paper_run_from_the_loop_rows():
     assert line.split()[:4] == ["resnet20", "float32", "100", "7.5"]
     assert "51200" in line  # images/s at the median step
     assert "2.7 min (0.04 h)" in line  # 64k steps at 2.5 ms
+    # No train row to compare the data pipeline with: no ratio printed, no "-x".
+    data_line = next(t for t in text.splitlines() if t.startswith("data pipeline only"))
+    assert data_line.endswith("400000 img/s")
 
 
 def test_loop_rows_from_a_clock_with_known_ticks(monkeypatch):

@@ -156,9 +156,10 @@ def format_report(report: dict) -> str:
                      else "")]
     lines += notes
     d = report["data_pipeline"]
+    versus = (f" = {_fmt(d['ratio_vs_best_train'])}x the fastest train step above (needs >= "
+              "10x)" if d["ratio_vs_best_train"] is not None else "")
     lines += ["", f"data pipeline only (gather+normalise+crop+flip, batch {d['batch_size']}): "
-              f"{d['images_per_s']:.0f} img/s = {_fmt(d['ratio_vs_best_train'])}x the fastest "
-              "train step above (needs >= 10x)"]
+              f"{d['images_per_s']:.0f} img/s{versus}"]
     loop_rows = report.get("loop") or []
     if loop_rows:
         lines += ["", "library train step (resnet_jax.train.step: data on the devices, crop+flip "
