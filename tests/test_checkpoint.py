@@ -58,3 +58,45 @@ def test_retention_keeps_the_last_k_plus_the_best_across_restarts(tmp_path):
     reader = Checkpointer(tmp_path, read_only=True)
     assert reader.steps() == [60, 70] and reader.best_step() == 60
     reader.close()
+
+
+def test_a_checkpoint_written_as_one_unnamed_item_still_restores(tmp_path):
+    """Before the input iterator was saved beside it, a step held the state as Orbax's single
+    default item; such a run restores (and resumes) with today's two-item checkpointer, without
+    iterator state."""
+    import orbax.checkpoint as ocp
+
+    old = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False))
+    old.save(7, args=ocp.args.StandardSave(tiny_state(7).as_dict()))
+    old.wait_until_finished()
+    old.close()
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    try:
+        state = ckpt.restore(tiny_state(0))
+        assert int(state.step) == 7 and np.all(np.asarray(state.params["w"]) == 7.0)
+        assert ckpt.restored_data is False
+        ckpt.save(tiny_state(8))  # and the run goes on, writing today's layout
+    finally:
+        ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "8").iterdir() if p.is_dir()) == ["default"]
+
+
+def test_the_input_iterator_is_saved_and_restored_with_the_state(tmp_path):
+    import grain
+
+    ds = grain.MapDataset.range(100).batch(4)
+    it = iter(ds.to_iter_dataset())
+    for _ in range(5):
+        next(it)
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(tiny_state(5), data_iterator=it)
+    ckpt.close()
+    fresh = iter(ds.to_iter_dataset())
+    reader = Checkpointer(tmp_path, read_only=True)
+    try:
+        state = reader.restore(tiny_state(0), data_iterator=fresh)
+    finally:
+        reader.close()
+    assert int(state.step) == 5 and reader.restored_data is True
+    np.testing.assert_array_equal(next(fresh), np.arange(20, 24))
