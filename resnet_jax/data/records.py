@@ -8,7 +8,7 @@ so any process can fetch any example without reading the others.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -18,6 +18,16 @@ from resnet_jax.data.folders import ImageTree, SplitListing
 Record = tuple[str, "bytes | np.ndarray", int]
 # TFDS names the labelled held-out split differently per dataset.
 TFDS_HELD_OUT = {"imagenet2012": "validation"}
+
+
+class Records(Protocol):
+    """What the pipeline reads: `len`, `records[i] -> (name, image, label)` and a subset."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Record: ...
+
+    def subset(self, indices: Sequence[int]) -> Records: ...
 
 
 class FolderRecords:

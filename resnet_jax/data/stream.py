@@ -36,7 +36,7 @@ from resnet_jax.data.folders import (
 )
 from resnet_jax.data.loader import DataSpec, load_raw, resolve_source
 from resnet_jax.data.preprocess import NormStats, compute_stats
-from resnet_jax.data.records import ArrayRecords, FolderRecords, tfds_records
+from resnet_jax.data.records import ArrayRecords, FolderRecords, Records, tfds_records
 from resnet_jax.data.splits import split_indices
 
 # Datasets that never fit on the devices: "auto" streams them.
@@ -49,9 +49,9 @@ PREFETCH_PER_THREAD = 2
 class StreamSplits:
     """The splits as random-access records, the spec and the normalisation statistics."""
 
-    train: object
-    validation: object
-    test: object
+    train: Records
+    validation: Records
+    test: Records
     spec: DataSpec
     stats: NormStats
     image_size: int | None
