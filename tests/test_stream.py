@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import cli_process_env, tiny_config
 from PIL import Image
 
 from resnet_jax.cli import main
@@ -231,18 +233,23 @@ def _records(workdir: Path) -> list[dict]:
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_imagenet_preset_trains_on_a_folder_with_its_classes(imagenet_dir, tmp_path, capsys):
-    """The acceptance command with a depth override: classes from the folder, every held-out
-    image scored, the iterator's position in every checkpoint."""
+def test_imagenet_preset_trains_on_a_folder_with_its_classes(imagenet_dir, tmp_path):
+    """The acceptance command with a depth override, as a user runs it (`resnet-jax train`, one
+    CPU device): classes from the folder, every held-out image scored, the iterator's position
+    in every checkpoint."""
     workdir = tmp_path / "run"
-    code = main(["train", "--config", "imagenet_resnet50", "--workdir", str(workdir),
-                 "--config.data.source=folder", f"--config.data.data_dir={imagenet_dir}",
-                 "--config.model.depth=18", "--config.model.dtype=float32",
-                 "--config.data.image_size=32", "--config.train.batch_size=8",
-                 "--config.train.num_steps=4", "--config.train.log_every=2",
-                 "--config.train.eval_every=4", "--config.train.checkpoint_every=2",
-                 "--config.train.eval_batch_size=8", "--config.optim.warmup_steps=0"])
-    assert code == 0, capsys.readouterr().err
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet_jax.cli", "train", "--config", "imagenet_resnet50",
+         "--workdir", str(workdir), "--config.data.source=folder",
+         f"--config.data.data_dir={imagenet_dir}", "--config.model.depth=18",
+         "--config.model.dtype=float32", "--config.data.image_size=32",
+         "--config.train.batch_size=8", "--config.train.num_steps=4",
+         "--config.train.log_every=2", "--config.train.eval_every=4",
+         "--config.train.checkpoint_every=2", "--config.train.eval_batch_size=8",
+         "--config.optim.warmup_steps=0"],
+        env=cli_process_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Done: step=4, test_error=" in proc.stdout
     spec = json.loads((workdir / "dataset.json").read_text())
     assert spec["num_classes"] == 3 and spec["class_names"] == list(WNIDS)
     assert spec["image_shape"] == [32, 32, 3] and spec["num_test"] == 3 * VAL_PER_CLASS
