@@ -10,8 +10,9 @@ From encoded bytes (`decode_random_resized_crop`, `decode_resize_center_crop`) t
 chosen from the file's size before decoding, and a JPEG whose box spans at least 2x the output
 on both sides is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's scaled inverse DCT, Pillow's
 `draft`), never below the output's resolution inside the box. Measured in docs/performance.md:
-1.6x (training) and 1.8x (evaluation) the images/s for photos of 800-1600 px; ImageNet-sized
-images (300-500 px) rarely qualify and decode exactly as before.
+1.5x the images/s for training crops of 800-1600 px photos; ImageNet-sized images (300-500 px)
+rarely qualify and decode exactly as before. The streaming pipeline drafts training crops only:
+its evaluation decodes in full, so that `predict` computes the same pixels.
 """
 
 from __future__ import annotations
@@ -134,13 +135,3 @@ def decode_resize_center_crop(data: bytes, name: str, size: int) -> np.ndarray:
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Left-right flip with probability 1/2."""
     return image[:, ::-1] if rng.random() < 0.5 else image
-
-
-def channels(image: np.ndarray, count: int) -> np.ndarray:
-    """uint8 [H, W, C] as `count` channels (grayscale replicated; RGB to Pillow's luma)."""
-    have = image.shape[-1]
-    if have == count:
-        return image
-    if count == 3:
-        return np.repeat(image, 3, axis=-1)
-    return _as_array(Image.fromarray(image).convert("L"))

@@ -26,7 +26,7 @@ from PIL import Image
 
 from resnet_jax.data import image_ops
 from resnet_jax.data.catalog import IMAGE_FOLDER, DatasetInfo, get_info
-from resnet_jax.data.folder_source import class_labels
+from resnet_jax.data.folder_source import class_labels, to_channels
 from resnet_jax.data.folders import (
     HELD_OUT,
     TRAIN,
@@ -135,10 +135,6 @@ def _decoded(records, i: int) -> np.ndarray:
     return array if array.ndim == 3 else array[..., None]
 
 
-def _first_image(records) -> np.ndarray:
-    return _decoded(records, 0)
-
-
 def _channels_of(records, probes: int = 32) -> int:
     """An image folder's channels: 3 if any of `probes` images spread over it is in colour
     (grayscale files are then replicated), else 1; the resident loader's rule, on a sample."""
@@ -163,7 +159,7 @@ def open_stream(config: ml_collections.ConfigDict, stats: NormStats | None = Non
     else:  # archives and the bundled sample: small enough to read whole, streamed from memory
         train, test, classes = _array_splits(config, info)
     size = config.get("image_size")
-    first = _first_image(train)
+    first = _decoded(train, 0)
     if channels is None:
         channels = info.image_shape[2] if info is not None else _channels_of(train)
     shape = (size, size, channels) if size else (*first.shape[:2], channels)
@@ -223,7 +219,7 @@ class _Decoder:
         return image_ops.resize_center_crop(self.pil(name, image), self.size)
 
     def finish(self, image: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(image_ops.channels(image, self.shape[2]))
+        return np.ascontiguousarray(to_channels(image, self.shape[2]))
 
 
 class TrainImage(_Decoder):
@@ -309,3 +305,24 @@ def iterate(ds: grain.MapDataset, num_threads: int) -> grain.DatasetIterator:
     options = grain.ReadOptions(num_threads=num_threads,
                                 prefetch_buffer_size=PREFETCH_PER_THREAD * num_threads)
     return iter(ds.to_iter_dataset(options))
+
+
+def close(iterator: grain.DatasetIterator) -> None:
+    """Stops an iterator's reading threads (Grain versions without `close` stop them on
+    garbage collection)."""
+    stop = getattr(iterator, "close", None)
+    if stop is not None:
+        stop()
+
+
+def read_eval(splits: StreamSplits, split: str, batch_size: int, num_threads: int, *,
+              process_index: int = 0, process_count: int = 1):
+    """This process's local `(images, labels, mask)` batches of `split`, read once through
+    `eval_dataset` with `num_threads` threads, which stop when the batches are used up."""
+    ds, _ = eval_dataset(splits, split, batch_size, process_index=process_index,
+                         process_count=process_count)
+    iterator = iterate(ds, num_threads)
+    try:
+        yield from iterator
+    finally:
+        close(iterator)

@@ -108,21 +108,15 @@ def streamed_split(config: ml_collections.ConfigDict, split: str, spec: DataSpec
     else:  # the validation split is carved from train/
         splits = stream.open_stream(config.data, stats=stats)  # the run's stats: no sampling
     check_same_data(config.data.name, splits.spec, spec)
-    ds, size = stream.eval_dataset(splits, split, config.train.eval_batch_size,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+    size = len(splits.validation if split == "validation" else splits.test)
     labels: list[np.ndarray] = []
 
     def batches() -> Iterator[tuple]:
-        iterator = stream.iterate(ds, stream.threads(config.data))
-        try:
-            for images, y, mask in iterator:
-                labels.append(np.asarray(y)[np.asarray(mask)])
-                yield shard_local_batch((images, y, mask), mesh)
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+        for images, y, mask in stream.read_eval(
+                splits, split, config.train.eval_batch_size, stream.threads(config.data),
+                process_index=jax.process_index(), process_count=jax.process_count()):
+            labels.append(np.asarray(y)[np.asarray(mask)])
+            yield shard_local_batch((images, y, mask), mesh)
 
     return batches(), size, labels
 

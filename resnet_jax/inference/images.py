@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from resnet_jax.data import image_ops
+from resnet_jax.data.folder_source import to_channels
 from resnet_jax.data.folders import as_gray_or_rgb, flatten_alpha, narrow_wide_gray
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -255,7 +256,7 @@ def to_model_array(img: Image.Image, image_shape: Sequence[int],
                              f"{h}x{w} images")
         out = image_ops.resize_center_crop(as_gray_or_rgb(img, background), crop.size,
                                            crop.resize)
-        return np.ascontiguousarray(image_ops.channels(out, c))
+        return np.ascontiguousarray(to_channels(out, c))
     img = narrow_wide_gray(flatten_alpha(img, background))
     mode = "L" if c == 1 else "RGB"
     if img.mode != mode:

@@ -132,15 +132,13 @@ class StreamInput:
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple]:
         """Global (images, labels, mask) batches covering `split` once, read as they are used."""
-        ds, _ = streaming.eval_dataset(self.splits, split, batch_size, **self._where)
-        for batch in streaming.iterate(ds, self.threads):
+        for batch in streaming.read_eval(self.splits, split, batch_size, self.threads,
+                                         **self._where):
             yield shard_local_batch(batch, self.mesh)
 
     def close(self) -> None:
         """Stops the reading threads."""
-        close = getattr(self.iterator, "close", None)
-        if close is not None:
-            close()
+        streaming.close(self.iterator)
 
 
 def open_input(config: ml_collections.ConfigDict, mesh: Mesh, dataset: Dataset | None = None,
