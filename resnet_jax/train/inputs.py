@@ -117,8 +117,11 @@ class StreamInput:
     def block(self, k: int):
         """The next k batches, stacked as `(images [k, B, ...], labels [k, B], stats)`."""
         batches = [next(self.iterator) for _ in range(k)]
-        images = np.stack([b[0] for b in batches])
-        labels = np.stack([b[1] for b in batches])
+        if k == 1:  # a view with the block axis, not a copy of the batch
+            images, labels = batches[0][0][None], batches[0][1][None]
+        else:
+            images = np.stack([b[0] for b in batches])
+            labels = np.stack([b[1] for b in batches])
         if jax.process_count() == 1:
             placed = jax.device_put((images, labels), self._block_sharding)
         else:

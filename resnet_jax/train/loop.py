@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax import backends
 from resnet_jax.config import ConfigError, load_run_config, resolve_steps_per_call, validate
-from resnet_jax.data import AugmentConfig, Dataset, NormStats, load_dataset
+from resnet_jax.data import AugmentConfig, Dataset, DataSpec, NormStats, load_dataset
 from resnet_jax.rundir.files import WriteError, atomic_write_json
 from resnet_jax.rundir.spec import SpecError, read_spec, write_spec
 from resnet_jax.train.checkpoint import Checkpointer
@@ -224,14 +224,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         return _train(config, workdir, mesh, dataset, interactive)
 
 
+def model_parts(config: ml_collections.ConfigDict, spec: DataSpec):
+    """(lr schedule, optimiser, train graphdef, eval graphdef) of a run's config and data."""
+    t = config.train
+    schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
+    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
+    return (schedule, tx, *graphdefs(config, spec))
+
+
 def training_parts(config: ml_collections.ConfigDict, dataset: Dataset | None = None):
     """(dataset, lr schedule, optimiser, train graphdef, eval graphdef) of a run's config; the
     dataset is loaded unless given."""
-    t = config.train
     ds = dataset if dataset is not None else load_dataset(config.data)
-    schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
-    tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
-    return (ds, schedule, tx, *graphdefs(config, ds.spec))
+    return (ds, *model_parts(config, ds.spec))
 
 
 def _resumed_stats(workdir: Path, ckpt: Checkpointer) -> NormStats | None:
@@ -258,9 +263,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
     try:
         inputs = open_input(config, mesh, dataset, _resumed_stats(workdir, ckpt), load_dataset)
         spec = inputs.spec
-        schedule = make_schedule(config.optim, t.batch_size, t.num_steps)
-        tx = make_optimizer(config.optim, t.batch_size, t.num_steps)
-        train_def, eval_def = graphdefs(config, spec)
+        schedule, tx, train_def, eval_def = model_parts(config, spec)
         notes: list[str] = []
         if ckpt.latest_step() is not None:
             # Restore into an abstract target: a bad checkpoint is reported before any compile.
