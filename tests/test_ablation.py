@@ -206,3 +206,55 @@ def test_a_second_ablate_on_a_grid_in_use_is_refused(tmp_path, capsys):
     assert rc == 2 and len(err) == 1
     assert err[0].startswith(f"error: --workdir {tmp_path} is in use by another run: pid ")
     assert not (tmp_path / "plain8_seed0").exists()  # no run was started
+
+
+def test_report_states_how_the_runs_were_trained(tmp_path, monkeypatch):
+    """Above the table: data, schedule (per net where nets differ), hardware, seeds and packing,
+    and wall time with each packed program counted once."""
+    from resnet_jax.ablation import report
+
+    monkeypatch.setattr(report, "count_params", lambda *args, **kwargs: 1_000_000)
+    optim = {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "learning_rate": 0.1,
+             "schedule": "piecewise", "boundaries": [8000, 12000], "decay_factor": 0.1,
+             "warmup": "none", "warmup_steps": 0}
+    data = {"name": "cifar10", "source": "folder", "data_dir": "/data/cifar10-jpeg.tar.gz",
+            "validation_size": 5000, "split_seed": 0, "normalization": "mean_image", "pad": 4,
+            "crop": True, "flip": True}
+    versions = {"jax": "0.10.2", "devices": ["cuda:0"], "device_kind": "NVIDIA H200",
+                "backend": "xla_gpu", "process_count": 1}
+    names = [f"residual20_seed{s}" for s in range(3)]
+    for depth, seeds in ((20, range(3)), (110, range(1))):
+        for seed in seeds:
+            _made_up_run(tmp_path, "residual", depth, seed, 8.0 + seed, 1.0)
+            run = tmp_path / f"residual{depth}_seed{seed}"
+            cfg = json.loads((run / "config.json").read_text())
+            cfg["model"]["dtype"] = "float32"
+            cfg["data"] = data
+            cfg["optim"] = {**optim, **({"warmup": "constant", "warmup_steps": 400,
+                                         "warmup_learning_rate": 0.01} if depth == 110 else {})}
+            cfg["train"].update(batch_size=128)
+            (run / "config.json").write_text(json.dumps(cfg))
+            packed = [n for n in names if n != run.name] if depth == 20 else []
+            (run / "versions.json").write_text(json.dumps({**versions, "packed_with": packed}))
+            lines = (run / "metrics.jsonl").read_text().splitlines()
+            timed = [json.loads(x) | ({"wall_time_s": 60.0 if depth == 20 else 600.0}
+                                      if json.loads(x)["split"] == "train" else {})
+                     for x in lines]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in timed))
+    report.write_report(tmp_path, analysis=False)
+    md = (tmp_path / "report" / "table6.md").read_text()
+    setup = md.split("## Setup")[1].split("## Table 6")[0]
+    assert ("- Data: cifar10 from the class folders in `cifar10-jpeg.tar.gz`; 5,000 training "
+            "images held out for validation (split seed 0)") in setup
+    assert ("- Schedule: 10 steps of batch 128; SGD momentum 0.9, weight decay 0.0001; learning "
+            "rate 0.1, x0.1 at steps 8,000 and 12,000; no warm-up (ResNet-20); ") in setup
+    assert "warm-up: 400 steps at 0.01 (ResNet-110)" in setup
+    assert "- Model: float32; cifar_resnet, option A shortcuts; backend xla_gpu" in setup
+    assert "- Hardware: 1 x NVIDIA H200; jax 0.10.2" in setup
+    assert ("- Seeds: 0, 1, 2 (1/3 per net); packed with 2 other run(s) in one program "
+            "(ResNet-20); one run per program (ResNet-110)") in setup
+    # The three packed ResNet-20 runs share one 1-minute program: 1 + 10 minutes in all.
+    assert "ResNet-20 1.0 min, ResNet-110 10.0 min; 11.0 min in all" in setup
+    with open(tmp_path / "report" / "table6.csv") as f:
+        rows = {int(r["depth"]): r for r in csv.DictReader(f)}
+    assert float(rows[20]["wall_time_s_mean"]) == 60.0

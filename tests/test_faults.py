@@ -138,10 +138,11 @@ def tmp_dirs(ckpt_dir: Path) -> list[str]:
 
 
 def logged(workdir: Path) -> list[tuple[str, int, dict]]:
-    """Every line of metrics.jsonl as (split, step, values without the wall-clock speed)."""
+    """Every line of metrics.jsonl as (split, step, values without the wall-clock figures)."""
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [(r.pop("split"), r.pop("step"), {k: v for k, v in r.items()
-                                             if k != "images_per_second"}) for r in records]
+                                             if k not in ("images_per_second", "wall_time_s")})
+            for r in records]
 
 
 def assert_trees_equal(a, b) -> None:

@@ -116,6 +116,29 @@ def test_writer_trims_what_a_resumed_run_logs_again(tmp_path):
     assert path.read_text() == ""
 
 
+def test_a_resumed_runs_clock_goes_on_from_its_checkpoint(tmp_path):
+    from resnet_jax.train.logger import MetricsLogger
+
+    records = [{"step": 5, "split": "train", "wall_time_s": 50.0},
+               {"step": 10, "split": "train", "wall_time_s": 100.0},
+               {"step": 10, "split": "test", "error": 9.0},
+               {"step": 15, "split": "train", "wall_time_s": 150.0}]  # lost: after the checkpoint
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    logger = MetricsLogger(tmp_path, 20, 10, 4, interactive=False)
+    try:
+        timing = logger.timing(12)
+    finally:
+        logger.close()
+    # 100 s to step 10 from the kept record (not 0, not the dropped 150), plus this process's
+    # seconds at most.
+    assert 100.0 <= timing["wall_time_s"] < 140.0
+    assert timing["images_per_second"] > 0
+    # A run started afresh begins at zero.
+    fresh = MetricsWriter(tmp_path, resume_step=0)
+    fresh.close()
+    assert fresh.wall_time_before == 0.0
+
+
 def test_writer_reports_a_full_disk_naming_the_file(tmp_path, monkeypatch):
     import errno
 

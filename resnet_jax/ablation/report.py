@@ -3,7 +3,8 @@
 Writes, under `ROOT/report/` by default:
   table6.md, table6.csv  Table 6: per (kind, depth) the parameter count, our final test error as
                          mean +- std over seeds (sample std, ddof=1) and the best run, the paper's
-                         figure beside it and the difference, and the final training error.
+                         figure beside it and the difference, and the final training error;
+                         above the table, how the runs were trained (`setup.setup_lines`).
   figure6.png            error vs iterations, thin dashed train and bold test, per depth and kind.
   figure7.png            std of each 3x3 layer's response on the test set (final checkpoint).
   gradient_norms.png     per-layer gradient norms at each saved checkpoint.
@@ -24,6 +25,7 @@ import numpy as np
 
 from resnet_jax.ablation import paper
 from resnet_jax.ablation.grid import FAMILY_KIND, KINDS
+from resnet_jax.ablation.setup import run_wall_time, setup_lines
 from resnet_jax.rundir.files import atomic_write, atomic_write_text, read_json
 from resnet_jax.rundir.metrics import metrics_by_split
 
@@ -32,7 +34,7 @@ TAIL = 0.2  # the fraction of training that `train_error_tail` averages over
 CSV_FIELDS = ("kind", "depth", "params", "seeds", "finished", "test_error_mean", "test_error_std",
               "test_error_best", "train_error_mean", "train_error_tail", "paper_error",
               "paper_params_m",
-              "diff_mean", "diff_best", "dataset", "steps")
+              "diff_mean", "diff_best", "dataset", "steps", "wall_time_s_mean")
 
 
 @dataclasses.dataclass
@@ -53,6 +55,8 @@ class RunResult:
     train_error_tail: float | None
     curves: dict  # split -> (steps, errors)
     config: dict
+    wall_time_s: float | None = None  # to the last train record (see setup.run_wall_time)
+    wall_time_estimated: bool = False
 
     @property
     def finished(self) -> bool:
@@ -85,6 +89,8 @@ def collect_runs(root: str | Path, unreadable: list[str] | None = None) -> list[
                   for s, v in m.items()}
         test, train = m.get("test", {}), m.get("train", {})
         last = max(test) if test else 0
+        wall, estimated = run_wall_time([train[k] for k in sorted(train)],
+                                        int(cfg["train"].get("batch_size", 0)))
         runs.append(RunResult(
             workdir=d, kind=kind, depth=int(cfg["model"]["depth"]),
             seed=int(cfg["train"]["seed"]), dataset=cfg["data"]["name"],
@@ -94,7 +100,7 @@ def collect_runs(root: str | Path, unreadable: list[str] | None = None) -> list[
             train_error_tail=float(np.mean([v["error"] for s, v in train.items()
                                             if s > (1 - TAIL) * int(cfg["train"]["num_steps"])]
                                            or [np.nan])) if train else None,
-            curves=curves, config=cfg,
+            curves=curves, config=cfg, wall_time_s=wall, wall_time_estimated=estimated,
         ))
     order = list(KINDS)
     return sorted(runs, key=lambda r: (order.index(r.kind), r.depth, r.seed))
@@ -110,9 +116,12 @@ def count_params(cfg: dict, workdir: Path | None = None) -> int:
 
     from resnet_jax import models
     from resnet_jax.data import get_info
-    from resnet_jax.rundir.spec import read_spec
+    from resnet_jax.rundir.spec import SpecError, read_spec
 
-    saved = read_spec(workdir) if workdir is not None else None
+    try:
+        saved = read_spec(workdir) if workdir is not None else None
+    except SpecError:
+        saved = None  # e.g. results committed without normalization.npz: the catalogue's shape
     if saved is not None:
         num_classes, channels = saved[0].num_classes, saved[0].image_shape[-1]
     else:
@@ -152,6 +161,9 @@ def table6(runs: list[RunResult]) -> list[dict]:
                 [r.test_error for r in done])
             row["train_error_mean"] = _stats([r.train_error for r in done])[0]
             row["train_error_tail"] = _stats([r.train_error_tail for r in done])[0]
+            times = [r.wall_time_s for r in done if r.wall_time_s is not None]
+            if times:
+                row["wall_time_s_mean"] = float(np.mean(times))
         p = paper.paper_row(kind, depth) if group[0].dataset == "cifar10" else None
         if p is not None:
             row["paper_error"], row["paper_params_m"] = p.error, p.params_m
@@ -286,7 +298,8 @@ def write_report(root: str | Path, out: str | Path | None = None, *, analysis: b
     first = {}  # the lowest seed of each (kind, depth) for the figures
     for r in runs:
         first.setdefault((r.kind, r.depth), r)
-    md = "# Table 6: test error by depth, plain vs residual\n\n" + markdown_table(rows)
+    md = ("# Table 6: test error by depth, plain vs residual\n\n## Setup\n\n"
+          + "\n".join(setup_lines(runs)) + "\n\n## Table 6\n\n" + markdown_table(rows))
     paths = [write_csv(rows, out / "table6.csv")]
     paths.append(figures.figure6({k: r.curves for k, r in first.items()}, out / "figure6.png"))
     if analysis:

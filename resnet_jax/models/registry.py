@@ -37,7 +37,7 @@ IMAGENET_STAGE_SIZES = {
     101: (BottleneckBlock, (3, 4, 23, 3)),
     152: (BottleneckBlock, (3, 8, 36, 3)),
 }
-# (block, layers per block, default shortcut, stem width) of each CIFAR family.
+# (block, layers per block, default shortcut) of each CIFAR family.
 CIFAR_FAMILIES = {
     "cifar_resnet": (BasicBlock, 2, "A"),
     "cifar_plain": (BasicBlock, 2, "none"),

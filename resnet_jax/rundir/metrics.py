@@ -86,6 +86,9 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str | Path, resume_step: int = 0):
         self.path = Path(run_dir) / METRICS_FILE
+        # Training seconds the run had spent up to `resume_step` (`wall_time_s` of the last
+        # train record kept), so that a resumed run's clock goes on from there.
+        self.wall_time_before = 0.0
         if self.path.is_file():
             self._trim(resume_step)
         try:
@@ -99,7 +102,11 @@ class MetricsWriter:
             records = _parse(self.path, data)[0]
         except ValueError:
             records = {}  # nothing readable: start the file afresh
-        text = "".join(json.dumps(r) + "\n" for r in records.values() if r["step"] <= resume_step)
+        kept = [r for r in records.values() if r["step"] <= resume_step]
+        times = [r["wall_time_s"] for r in kept
+                 if r["split"] == "train" and isinstance(r.get("wall_time_s"), (int, float))]
+        self.wall_time_before = float(times[-1]) if times else 0.0
+        text = "".join(json.dumps(r) + "\n" for r in kept)
         if text.encode() != data:  # something was dropped, repeated, damaged or cut short
             atomic_write_text(self.path, text)
 

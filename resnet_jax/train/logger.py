@@ -88,10 +88,11 @@ class MetricsLogger:
         self.prefix = f"[{label}] " if label else ""
         self.total, self.batch_size = total_steps, batch_size
         self.start_step, self.start_time = start_step, time.time()
-        self.progress = None
+        self.progress, self.wall_time_before = None, 0.0
         if not self.active:
             return
         self.jsonl = MetricsWriter(workdir, start_step)
+        self.wall_time_before = self.jsonl.wall_time_before
         self.tb = TensorBoardEvents(workdir / "tensorboard",
                                     purge_step=start_step + 1 if start_step else None)
         interactive = sys.stdout.isatty() if interactive is None else interactive
@@ -108,10 +109,13 @@ class MetricsLogger:
                                                loss="loss -", speed="- img/s")
             self.progress.start()
 
-    def images_per_second(self, step: int) -> float:
-        """Training throughput since this process started (compile time included)."""
+    def timing(self, step: int) -> dict[str, float]:
+        """A train record's clock at `step`: `images_per_second`, the throughput since this
+        process started (compile and evaluation included), and `wall_time_s`, the seconds the
+        run has spent to get here, summed over the attempts that a resume continued."""
         elapsed = max(time.time() - self.start_time, 1e-9)
-        return (step - self.start_step) * self.batch_size / elapsed
+        return {"images_per_second": (step - self.start_step) * self.batch_size / elapsed,
+                "wall_time_s": self.wall_time_before + elapsed}
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         """Records `metrics` of `split` ("train", "validation", "test") at `step`.

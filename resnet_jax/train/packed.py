@@ -306,7 +306,7 @@ class _PackedRunner:
                     for j, run in enumerate(runs):
                         # Metrics are [steps, runs]: column j is run j's own record.
                         record = _mean([{n: m[:, j] for n, m in h.items()} for h in host])
-                        record["images_per_second"] = self.loggers[run].images_per_second(step)
+                        record.update(self.loggers[run].timing(step))
                         record["nonfinite_total"] = int(totals[j])
                         self.loggers[run].write(step, "train", record)
                     pending = []
