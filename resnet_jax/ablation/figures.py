@@ -38,6 +38,9 @@ def figure6(curves: dict[tuple[str, int], dict], path: str | Path) -> Path:
             name = f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}"
             for split, style in (("train", dict(lw=0.9, ls="--")), ("test", dict(lw=2.2))):
                 steps, errors = c.get(split, ([], []))
+                if split == "test" and len(steps) <= 20:
+                    # Sparse evaluations (e.g. one at the end of a short run) stay visible.
+                    style = dict(style, marker="o", ms=5)
                 if len(steps):
                     ax.plot(steps, errors, color=colors[depth], **style,
                             label=name if split == "test" else None)
