@@ -247,9 +247,10 @@ def test_report_states_how_the_runs_were_trained(tmp_path, monkeypatch):
     assert ("- Data: cifar10 from the class folders in `cifar10-jpeg.tar.gz`; 5,000 training "
             "images held out for validation (split seed 0)") in setup
     assert ("- Schedule: 10 steps of batch 128; SGD momentum 0.9, weight decay 0.0001; learning "
-            "rate 0.1, x0.1 at steps 8,000 and 12,000; no warm-up (ResNet-20); ") in setup
+            "rate 0.1, x0.1 at steps 8,000 and 12,000 (after the last step: it never decays); no "
+            "warm-up (ResNet-20); ") in setup
     assert "warm-up: 400 steps at 0.01 (ResNet-110)" in setup
-    assert "- Model: float32; cifar_resnet, option A shortcuts; backend xla_gpu" in setup
+    assert "- Model: cifar_resnet, option A shortcuts\n- Compute: float32, backend xla_gpu" in setup
     assert "- Hardware: 1 x NVIDIA H200; jax 0.10.2" in setup
     assert ("- Seeds: 0, 1, 2 (1/3 per net); packed with 2 other run(s) in one program "
             "(ResNet-20); one run per program (ResNet-110)") in setup

@@ -1,5 +1,5 @@
-"""What a grid's runs were: the lines stated above Table 6 (data, schedule, model, hardware,
-seeds, wall time), read from each run's config.json, versions.json and metrics.jsonl.
+"""What a grid's runs were: the lines stated above Table 6 (data, schedule, model, dtype,
+hardware, seeds, wall time), read from each run's config.json, versions.json and metrics.jsonl.
 
 A value shared by every net is one line; where nets differ (the 110-layer nets' warm-up) each
 value names its nets, so a table mixing schedules cannot pass for one.
@@ -99,6 +99,8 @@ def schedule_text(cfg: dict, versions: dict) -> str:
     if o.get("schedule") == "piecewise" and o.get("boundaries"):
         lr += (f", x{_number(o.get('decay_factor', 0.1))} at steps "
                + " and ".join(_number(b) for b in o["boundaries"]))
+        if min(o["boundaries"]) >= t.get("num_steps", 0):
+            lr += " (after the last step: it never decays)"
     elif o.get("schedule"):
         lr += f", {o['schedule']} schedule"
     parts.append(lr)
@@ -112,16 +114,21 @@ def schedule_text(cfg: dict, versions: dict) -> str:
 
 
 def model_text(cfg: dict, versions: dict) -> str:
-    """Compute dtype, shortcut option and the backend that ran the convolutions."""
+    """The family and its shortcut option."""
     from resnet_jax.models.registry import CIFAR_FAMILIES
 
     m = cfg.get("model", {})
     family = m.get("family", "?")
     shortcut = m.get("shortcut") or CIFAR_FAMILIES.get(family, (None, None, "?"))[2]
-    text = f"{m.get('dtype', '?')}; {family}, " + (
-        "no shortcuts" if shortcut == "none" else f"option {shortcut} shortcuts")
+    return f"{family}, " + ("no shortcuts" if shortcut == "none"
+                            else f"option {shortcut} shortcuts")
+
+
+def compute_text(cfg: dict, versions: dict) -> str:
+    """The compute dtype and the backend that ran the convolutions."""
+    text = str(cfg.get("model", {}).get("dtype", "?"))
     if versions.get("backend"):
-        text += f"; backend {versions['backend']}"
+        text += f", backend {versions['backend']}"
     return text
 
 
@@ -148,7 +155,7 @@ def packing_text(cfg: dict, versions: dict) -> str:
 
 ASPECTS: tuple[tuple[str, Callable[[dict, dict], str]], ...] = (
     ("Data", data_text), ("Schedule", schedule_text), ("Model", model_text),
-    ("Hardware", hardware_text), ("Seeds", packing_text))
+    ("Compute", compute_text), ("Hardware", hardware_text), ("Seeds", packing_text))
 
 
 def _grouped(values: dict[str, list[str]]) -> str:
