@@ -56,7 +56,9 @@ def _versions(run: Run) -> dict:
 
 
 def _number(v) -> str:
-    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{v:g}"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)  # e.g. "?" for a field an older config lacks
+    return f"{v:,}" if isinstance(v, int) else f"{v:g}"
 
 
 def data_text(cfg: dict, versions: dict) -> str:
