@@ -25,6 +25,7 @@ from resnet_jax.rundir.metrics import (
     find_record,
     metrics_by_split,
     read_metrics,
+    wall_time,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +138,16 @@ def test_a_resumed_runs_clock_goes_on_from_its_checkpoint(tmp_path):
     fresh = MetricsWriter(tmp_path, resume_step=0)
     fresh.close()
     assert fresh.wall_time_before == 0.0
+    # Records from before wall_time_s: estimated from the throughput, 10 steps x 4 / 2 img/s.
+    old = [{"step": 5, "split": "train", "images_per_second": 1.0},
+           {"step": 10, "split": "train", "images_per_second": 2.0}]
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in old))
+    resumed = MetricsWriter(tmp_path, resume_step=10, batch_size=4)
+    resumed.write({"step": 15, "split": "train", "images_per_second": 3.0, "wall_time_s": 27.0})
+    resumed.close()
+    assert resumed.wall_time_before == 20.0
+    assert wall_time(read_metrics(tmp_path), 4) == (27.0, True)  # partly estimated
+    assert wall_time(read_metrics(tmp_path)[:2], 4) == (20.0, True)
 
 
 def test_writer_reports_a_full_disk_naming_the_file(tmp_path, monkeypatch):

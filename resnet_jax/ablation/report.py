@@ -25,9 +25,9 @@ import numpy as np
 
 from resnet_jax.ablation import paper
 from resnet_jax.ablation.grid import FAMILY_KIND, KINDS
-from resnet_jax.ablation.setup import run_wall_time, setup_lines
+from resnet_jax.ablation.setup import setup_lines
 from resnet_jax.rundir.files import atomic_write, atomic_write_text, read_json
-from resnet_jax.rundir.metrics import metrics_by_split
+from resnet_jax.rundir.metrics import metrics_by_split, wall_time
 
 ANALYSIS_VERSION = 1
 TAIL = 0.2  # the fraction of training that `train_error_tail` averages over
@@ -55,7 +55,7 @@ class RunResult:
     train_error_tail: float | None
     curves: dict  # split -> (steps, errors)
     config: dict
-    wall_time_s: float | None = None  # to the last train record (see setup.run_wall_time)
+    wall_time_s: float | None = None  # to the last train record (see metrics.wall_time)
     wall_time_estimated: bool = False
 
     @property
@@ -89,7 +89,7 @@ def collect_runs(root: str | Path, unreadable: list[str] | None = None) -> list[
                   for s, v in m.items()}
         test, train = m.get("test", {}), m.get("train", {})
         last = max(test) if test else 0
-        wall, estimated = run_wall_time([train[k] for k in sorted(train)],
+        wall, estimated = wall_time([train[k] for k in sorted(train)],
                                         int(cfg["train"].get("batch_size", 0)))
         runs.append(RunResult(
             workdir=d, kind=kind, depth=int(cfg["model"]["depth"]),

@@ -26,22 +26,6 @@ class Run(Protocol):
     wall_time_estimated: bool
 
 
-def run_wall_time(train_records: Sequence[dict], batch_size: int) -> tuple[float | None, bool]:
-    """(seconds, estimated): the run's time to its last train record, from its `wall_time_s`.
-
-    Runs logged before that field existed give an estimate from the last record's throughput
-    (steps x batch / images_per_second, exact for a run that was never resumed)."""
-    if not train_records:
-        return None, False
-    last = train_records[-1]
-    if isinstance(last.get("wall_time_s"), (int, float)):
-        return float(last["wall_time_s"]), False
-    ips = last.get("images_per_second")
-    if isinstance(ips, (int, float)) and ips > 0:
-        return last["step"] * batch_size / ips, True
-    return None, False
-
-
 def net_name(kind: str, depth: int) -> str:
     """The paper's name for a net: "plain-20", "ResNet-110"."""
     return f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}"

@@ -76,6 +76,25 @@ def find_record(run_dir: str | Path, step: int, split: str) -> dict | None:
     return metrics_by_split(run_dir).get(split, {}).get(step)
 
 
+def wall_time(train_records: list[dict], batch_size: int) -> tuple[float | None, bool]:
+    """(seconds, estimated): the run's time up to the last of its (step-ordered) train records.
+
+    Its `wall_time_s` where every record has one. Records logged before that field existed give
+    an estimate from the last such record's throughput (steps x batch / images_per_second, exact
+    for a run never resumed), which later `wall_time_s` values were counted on from.
+    """
+    if not train_records:
+        return None, False
+    last = train_records[-1]
+    estimated = any(not isinstance(r.get("wall_time_s"), (int, float)) for r in train_records)
+    if isinstance(last.get("wall_time_s"), (int, float)):
+        return float(last["wall_time_s"]), estimated
+    ips = last.get("images_per_second")
+    if isinstance(ips, (int, float)) and ips > 0 and batch_size > 0:
+        return last["step"] * batch_size / ips, True
+    return None, True
+
+
 class MetricsWriter:
     """Appends records to `run_dir/metrics.jsonl` after trimming it to `resume_step`.
 
@@ -84,28 +103,27 @@ class MetricsWriter:
     WriteError naming the file when it cannot be written (e.g. the disk is full).
     """
 
-    def __init__(self, run_dir: str | Path, resume_step: int = 0):
+    def __init__(self, run_dir: str | Path, resume_step: int = 0, batch_size: int = 0):
         self.path = Path(run_dir) / METRICS_FILE
-        # Training seconds the run had spent up to `resume_step` (`wall_time_s` of the last
-        # train record kept), so that a resumed run's clock goes on from there.
+        # Training seconds the run had spent up to `resume_step` (see `wall_time`), so that a
+        # resumed run's clock goes on from there.
         self.wall_time_before = 0.0
         if self.path.is_file():
-            self._trim(resume_step)
+            self._trim(resume_step, batch_size)
         try:
             self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
         except OSError as e:
             raise WriteError(f"Could not write {self.path}: {describe_failure(e)}.") from e
 
-    def _trim(self, resume_step: int) -> None:
+    def _trim(self, resume_step: int, batch_size: int) -> None:
         data = self.path.read_bytes()
         try:
             records = _parse(self.path, data)[0]
         except ValueError:
             records = {}  # nothing readable: start the file afresh
         kept = [r for r in records.values() if r["step"] <= resume_step]
-        times = [r["wall_time_s"] for r in kept
-                 if r["split"] == "train" and isinstance(r.get("wall_time_s"), (int, float))]
-        self.wall_time_before = float(times[-1]) if times else 0.0
+        train = sorted((r for r in kept if r["split"] == "train"), key=lambda r: r["step"])
+        self.wall_time_before = wall_time(train, batch_size)[0] or 0.0
         text = "".join(json.dumps(r) + "\n" for r in kept)
         if text.encode() != data:  # something was dropped, repeated, damaged or cut short
             atomic_write_text(self.path, text)

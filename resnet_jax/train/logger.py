@@ -91,7 +91,7 @@ class MetricsLogger:
         self.progress, self.wall_time_before = None, 0.0
         if not self.active:
             return
-        self.jsonl = MetricsWriter(workdir, start_step)
+        self.jsonl = MetricsWriter(workdir, start_step, batch_size)
         self.wall_time_before = self.jsonl.wall_time_before
         self.tb = TensorBoardEvents(workdir / "tensorboard",
                                     purge_step=start_step + 1 if start_step else None)
