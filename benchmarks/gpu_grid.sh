@@ -12,7 +12,11 @@
 #       (.data/ and .whl/ must be ignored: echo /.data/ >> .git/info/exclude), and in .whl/ the
 #       wheels of what the GPU image lacks: bash benchmarks/gpu_wheels.sh
 #   run there: bash benchmarks/gpu_grid.sh        (carry .data and .whl; timeout_s=600)
-#   then here: tar -xzf OUT/gpu_grid_runs.tar.gz -C docs/results/gpu-grid-16k/ and commit.
+#   then here: mkdir -p docs/results/gpu-grid-16k/runs &&
+#       tar -xzf OUT/gpu_grid_runs.tar.gz -C docs/results/gpu-grid-16k/runs   (DONE_DIR: each chunk
+#       adds its runs there, so the next call skips them), then the whole grid's report:
+#       resnet-jax report docs/results/gpu-grid-16k/runs --no-analysis --out docs/results/gpu-grid-16k
+#       and commit.
 #
 # Jobs, shallow first: each 20..56 net's 3 seeds packed in one job (6.1M images); each 110-layer
 # seed alone (3 packed would outrun one command). Estimated from the H200 speeds of the library's
