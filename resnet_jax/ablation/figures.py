@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only: no display on training nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from resnet_jax.ablation.grid import net_name  # noqa: E402
 from resnet_jax.rundir.files import atomic_write  # noqa: E402
 
 KIND_TITLES = {"plain": "plain networks", "residual": "ResNets"}
@@ -35,7 +36,7 @@ def figure6(curves: dict[tuple[str, int], dict], path: str | Path) -> Path:
         for (k, depth), c in sorted(curves.items()):
             if k != kind:
                 continue
-            name = f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}"
+            name = net_name(kind, depth)
             for split, style in (("train", dict(lw=0.9, ls="--")), ("test", dict(lw=2.2))):
                 steps, errors = c.get(split, ([], []))
                 if split == "test" and len(steps) <= 20:
@@ -59,7 +60,7 @@ def figure7(responses: dict[tuple[str, int], list[float]], path: str | Path) -> 
     fig, axes = plt.subplots(2, 1, figsize=(8, 7))
     for (kind, depth), std in sorted(responses.items()):
         style = dict(color=colors[depth], ls="--" if kind == "plain" else "-", marker=".", ms=3,
-                     label=f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}")
+                     label=net_name(kind, depth))
         x = np.arange(1, len(std) + 1)
         axes[0].plot(x, std, **style)
         axes[1].plot(x, sorted(std, reverse=True), **style)
@@ -85,7 +86,7 @@ def gradient_norm_figure(grads: dict[tuple[str, int], dict], path: str | Path) -
         for j, depth in enumerate(depths):
             ax = axes[i][j]
             g = grads.get((kind, depth))
-            ax.set_title(f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}", fontsize=10)
+            ax.set_title(net_name(kind, depth), fontsize=10)
             if not g:
                 ax.set_axis_off()
                 continue

@@ -37,6 +37,16 @@ from resnet_jax.rundir.lock import WorkdirLock
 
 KINDS = {"plain": "cifar_plain", "residual": "cifar_resnet"}
 FAMILY_KIND = {v: k for k, v in KINDS.items()}
+
+
+def kind_name(kind: str) -> str:
+    """The paper's word for a kind of net: "plain" or "ResNet"."""
+    return "plain" if kind == "plain" else "ResNet"
+
+
+def net_name(kind: str, depth: int) -> str:
+    """The paper's name for a net: "plain-20", "ResNet-110"."""
+    return f"{kind_name(kind)}-{depth}"
 PARALLEL = ("data-parallel", "per-device")
 DEFAULT_DEPTHS = (20, 32, 44, 56, 110)
 DEFAULT_SEEDS = (0, 1, 2)

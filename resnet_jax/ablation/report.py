@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from resnet_jax.ablation import paper
-from resnet_jax.ablation.grid import FAMILY_KIND, KINDS
+from resnet_jax.ablation.grid import FAMILY_KIND, KINDS, kind_name, net_name
 from resnet_jax.ablation.setup import setup_lines
 from resnet_jax.rundir.files import atomic_write, atomic_write_text, read_json
 from resnet_jax.rundir.metrics import metrics_by_split, wall_time
@@ -55,6 +55,7 @@ class RunResult:
     train_error_tail: float | None
     curves: dict  # split -> (steps, errors)
     config: dict
+    versions: dict = dataclasses.field(default_factory=dict)  # versions.json, {} if unreadable
     wall_time_s: float | None = None  # to the last train record (see metrics.wall_time)
     wall_time_estimated: bool = False
 
@@ -100,10 +101,20 @@ def collect_runs(root: str | Path, unreadable: list[str] | None = None) -> list[
             train_error_tail=float(np.mean([v["error"] for s, v in train.items()
                                             if s > (1 - TAIL) * int(cfg["train"]["num_steps"])]
                                            or [np.nan])) if train else None,
-            curves=curves, config=cfg, wall_time_s=wall, wall_time_estimated=estimated,
+            curves=curves, config=cfg, versions=_read_versions(d), wall_time_s=wall,
+            wall_time_estimated=estimated,
         ))
     order = list(KINDS)
     return sorted(runs, key=lambda r: (order.index(r.kind), r.depth, r.seed))
+
+
+def _read_versions(run_dir: Path) -> dict:
+    """A run's versions.json, or {} where it is missing or damaged (the report states less)."""
+    try:
+        versions = read_json(run_dir / "versions.json", "versions file")
+    except (OSError, ValueError):
+        return {}
+    return versions if isinstance(versions, dict) else {}
 
 
 def count_params(cfg: dict, workdir: Path | None = None) -> int:
@@ -186,7 +197,7 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        name = "plain" if r["kind"] == "plain" else "ResNet"
+        name = kind_name(r["kind"])
         mean = r.get("test_error_mean")
         ours = (f"{mean:.2f} ± {r['test_error_std']:.2f} ({r['finished']})" if mean is not None
                 else f"running ({r['finished']}/{r['seeds']} done)")
@@ -273,7 +284,7 @@ def gradient_lines(analyses: dict[tuple[str, int], dict]) -> list[str]:
         if not g["norms"]:
             continue
         n = g["norms"][-1]
-        lines.append(f"| {'plain' if kind == 'plain' else 'ResNet'} | {depth} | {g['steps'][-1]} "
+        lines.append(f"| {kind_name(kind)} | {depth} | {g['steps'][-1]} "
                      f"| {n[0]:.3g} | {min(n):.3g} | {n[-1]:.3g} "
                      f"| {max(n) / max(min(n), 1e-30):.1f} |")
     return lines
@@ -312,7 +323,7 @@ def write_report(root: str | Path, out: str | Path | None = None, *, analysis: b
                                                   out / "gradient_norms.png"))
         md += ("\n## Layer responses (Figure 7)\n\nStd of each 3x3 layer's response (after BN, "
                "before addition/ReLU) on the test set at the final checkpoint:\n\n")
-        md += "\n".join(f"- {'plain' if k == 'plain' else 'ResNet'}-{d}: mean "
+        md += "\n".join(f"- {net_name(k, d)}: mean "
                         f"{np.mean(a['responses']['std']):.3f} over {len(a['responses']['std'])} "
                         f"layers" for (k, d), a in sorted(analyses.items())) + "\n"
         md += "\n## Gradient norms at the last checkpoint\n\n" + "\n".join(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from resnet_jax.rundir.files import read_json
+from resnet_jax.ablation.grid import net_name
 
 
 class Run(Protocol):
@@ -22,21 +22,9 @@ class Run(Protocol):
     depth: int
     seed: int
     config: dict
+    versions: dict
     wall_time_s: float | None
     wall_time_estimated: bool
-
-
-def net_name(kind: str, depth: int) -> str:
-    """The paper's name for a net: "plain-20", "ResNet-110"."""
-    return f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}"
-
-
-def _versions(run: Run) -> dict:
-    try:
-        versions = read_json(run.workdir / "versions.json", "versions file")
-    except (OSError, ValueError):
-        return {}
-    return versions if isinstance(versions, dict) else {}
 
 
 def _number(v) -> str:
@@ -160,12 +148,11 @@ def setup_lines(runs: Sequence[Run]) -> list[str]:
     nets: dict[tuple[str, int], list[Run]] = {}
     for r in runs:
         nets.setdefault((r.kind, r.depth), []).append(r)
-    versions = {id(r): _versions(r) for r in runs}
     lines = []
     for title, describe in ASPECTS:
         values: dict[str, list[str]] = {}
         for (kind, depth), group in nets.items():
-            for text in dict.fromkeys(describe(r.config, versions[id(r)]) for r in group):
+            for text in dict.fromkeys(describe(r.config, r.versions) for r in group):
                 values.setdefault(text, []).append(net_name(kind, depth))
         if title == "Seeds":
             seeds = sorted({r.seed for r in runs})
@@ -175,12 +162,11 @@ def setup_lines(runs: Sequence[Run]) -> list[str]:
                          + _grouped(values))
         else:
             lines.append(f"- {title}: {_grouped(values)}")
-    lines.append(wall_time_line(runs, nets, versions))
+    lines.append(wall_time_line(runs, nets))
     return lines
 
 
-def wall_time_line(runs: Sequence[Run], nets: dict[tuple[str, int], list[Run]],
-                   versions: dict[int, dict]) -> str:
+def wall_time_line(runs: Sequence[Run], nets: dict[tuple[str, int], list[Run]]) -> str:
     """Mean wall time per run of each net, and the total, counting each packed program once."""
     per_net = []
     for (kind, depth), group in nets.items():
@@ -191,7 +177,7 @@ def wall_time_line(runs: Sequence[Run], nets: dict[tuple[str, int], list[Run]],
     for r in runs:
         if r.wall_time_s is None:
             continue
-        members = frozenset([r.workdir.name, *versions[id(r)].get("packed_with", [])])
+        members = frozenset([r.workdir.name, *r.versions.get("packed_with", [])])
         programs[members] = max(programs.get(members, 0.0), r.wall_time_s)
     if not per_net:
         return "- Wall time: not recorded"
