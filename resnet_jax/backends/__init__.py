@@ -33,14 +33,29 @@ def check_backend(name: str) -> str:
 
 
 @functools.cache
-def cpu_isa() -> str:
-    """The widest x86 vector extension of this CPU: "avx512", "avx2" or "other"."""
+def _cpuinfo(field: str) -> str:
+    """The first `field` line's value in /proc/cpuinfo ("" where there is none, e.g. not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.split(":", 1)[0].strip() == field and ":" in line), "")
     except OSError:
-        return "other"
+        return ""
+
+
+@functools.cache
+def cpu_isa() -> str:
+    """The widest x86 vector extension of this CPU: "avx512", "avx2" or "other"."""
+    flags = _cpuinfo("flags").split()
     return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
+def cpu_model() -> str:
+    """The host processor's name with its widest vector extension, e.g. "AMD EPYC (avx512)",
+    which a CPU result's speed depends on; platform.processor() without /proc/cpuinfo."""
+    import platform  # here: select() below has an argument of that name
+
+    return f"{_cpuinfo('model name') or platform.processor() or 'unknown'} ({cpu_isa()})"
 
 
 # Which CPU path trains faster, by ISA (docs/performance.md, ResNet-20/56 f32 batch 128, the two

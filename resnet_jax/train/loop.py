@@ -176,20 +176,8 @@ def library_versions() -> dict:
         "orbax_checkpoint": orbax.checkpoint.__version__, "numpy": np.__version__,
         "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind, "process_count": jax.process_count(),
-        "host_cpu": _cpu_model(),
+        "host_cpu": backends.cpu_model(),
     }
-
-
-def _cpu_model() -> str:
-    """The host processor's name (Linux), with its widest vector extension, e.g. for a CPU
-    result's speed; platform.processor() where /proc/cpuinfo has no model name."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or platform.processor() or 'unknown'} ({backends.cpu_isa()})"
 
 
 def _check_workdir(workdir: Path) -> None:
